@@ -1,0 +1,157 @@
+"""The block runner every encoder adapter shares.
+
+A patched block runs the model's own forward whenever it has nothing to do (no budget at this
+layer and no attention bias yet), so unreduced layers stay bit-identical. Otherwise it runs
+``x + attn(norm1(x), bias)``, hands the residual stream and the requested signals to the reducer,
+then ``x + mlp(norm2(x))`` on the shorter sequence. The first block starts a fresh
+:class:`~vtc.state.TokenState` on every forward; the last one is kept for inspection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from vtc.models.patching import InstancePatcher
+from vtc.reducers.base import EncoderInfo, EncoderReducer, Signal, Signals
+from vtc.state import TokenState
+
+
+class EncoderAdapter:
+    """Base of the encoder adapters; subclasses implement the family-specific pieces."""
+
+    family: ClassVar[str]
+
+    def __init__(self, model: nn.Module, reducer: EncoderReducer | None) -> None:
+        self.model = model
+        self.reducer = reducer
+        self.blocks: list[nn.Module] = list(self.find_blocks())
+        for block in self.blocks:
+            self.check_block(block)
+        self.info = self.encoder_info()
+        self.plan: list[Any] = reducer.plan(self.info) if reducer else [None] * self.info.num_layers
+        self.state: TokenState | None = None
+        self.token_counts: list[int] = []
+        self._patcher = InstancePatcher()
+
+    # ----- family-specific pieces -------------------------------------------------------------
+    @classmethod
+    def accepts(cls, model: object) -> bool:
+        raise NotImplementedError
+
+    def find_blocks(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def check_block(self, block: nn.Module) -> None:
+        """Raise TypeError if a block is not of the structure this adapter re-implements."""
+        raise NotImplementedError
+
+    def encoder_info(self) -> EncoderInfo:
+        raise NotImplementedError
+
+    def attention(
+        self, block: nn.Module, h: torch.Tensor, bias: torch.Tensor | None, needs: frozenset[Signal]
+    ) -> tuple[torch.Tensor, Signals]:
+        """The block's attention on normalised batch-first tokens, before its residual scaling."""
+        raise NotImplementedError
+
+    def attention_residual(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        """The attention branch's output scaling (LayerScale, drop-path) before it joins the residual."""
+        raise NotImplementedError
+
+    def mlp_branch(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pre_attention_norm(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def patch_block(self, index: int, block: nn.Module) -> None:
+        """Install the instance-level forward that routes the block through :meth:`run_block`."""
+        raise NotImplementedError
+
+    def patch_pooling(self) -> None:
+        """Make pooling after the blocks size-aware (average and attention pooling)."""
+
+    def stem_conv(self) -> nn.Conv2d:
+        """The patch-embedding convolution (its output width is the token width)."""
+        raise NotImplementedError
+
+    def stem_flops(self) -> int:
+        """FLOPs of the patch embedding for one image (one MAC per weight per patch, x2)."""
+        conv = self.stem_conv()
+        rows, cols = self.info.grid
+        return 2 * rows * cols * conv.weight.numel()
+
+    def run_head(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What the model does after its blocks (final norm excluded where it is per token)."""
+        raise NotImplementedError
+
+    def head_flops(self, num_tokens: int) -> int:
+        """FLOPs after the blocks for one image with ``num_tokens`` unit-size tokens, counted by
+        ``torch.utils.flop_counter`` on a dummy input (pooling heads are small and varied)."""
+        from vtc.measure import counted_flops
+
+        parameter = next(self.model.parameters())
+        dummy = torch.zeros(1, num_tokens, self.stem_conv().out_channels, device=parameter.device, dtype=parameter.dtype)
+        saved, self.state = self.state, None
+        try:
+            with torch.no_grad():
+                return counted_flops(lambda: self.run_head(dummy))
+        finally:
+            self.state = saved
+
+    # ----- shared machinery ---------------------------------------------------------------------
+    def install(self) -> None:
+        for index, block in enumerate(self.blocks):
+            self.patch_block(index, block)
+        self.patch_pooling()
+
+    def remove(self) -> None:
+        self._patcher.restore()
+        self.state = None
+
+    def runtime_grid(self, num_tokens: int) -> tuple[int, int] | None:
+        patches = num_tokens - self.info.n_prefix
+        rows, cols = self.info.grid
+        if patches == rows * cols:
+            return self.info.grid
+        side = int(round(patches**0.5))
+        return (side, side) if side * side == patches else None
+
+    def run_block(self, index: int, block: nn.Module, x: torch.Tensor, original: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Run block ``index`` on batch-first ``x`` with the reducer's budget for that layer."""
+        if index == 0 or self.state is None:
+            self.state = TokenState.start(x, self.info.n_prefix, self.runtime_grid(x.shape[1]))
+            self.token_counts = []
+        elif self.state.x.shape[:2] != x.shape[:2]:
+            raise RuntimeError(
+                f"vtc: block {index} received {tuple(x.shape[:2])} tokens but the previous block produced "
+                f"{tuple(self.state.x.shape[:2])}; the reduced blocks must run in order within one forward"
+            )
+        state = self.state.replace(x=x)
+        self.token_counts.append(x.shape[1])
+        budget = self.plan[index]
+        if budget is None and not state.needs_attention_bias():
+            out = original(x)
+        else:
+            needs = self.reducer.needs if budget is not None else frozenset()
+            attn_out, signals = self.attention(block, self.pre_attention_norm(block, x), state.attention_bias(x.dtype), needs)
+            x = x + self.attention_residual(block, attn_out)
+            if budget is not None:
+                state = self.reducer.reduce(state.replace(x=x), signals, budget, index)
+                x = state.x
+            out = x + self.mlp_branch(block, x)
+        self.state = state.replace(x=out)
+        if index == len(self.blocks) - 1:
+            self.token_counts.append(out.shape[1])
+        return out
+
+    def current_state(self, x: torch.Tensor) -> TokenState | None:
+        """The state matching tokens ``x`` after the blocks, or None if they do not belong to it."""
+        state = self.state
+        if state is None or state.x.shape[:2] != x.shape[:2]:
+            return None
+        return state

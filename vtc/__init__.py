@@ -1,0 +1,16 @@
+"""vtc — visual-token compression for vision transformers and vision-language models.
+
+    import timm, vtc
+    model = timm.create_model("vit_small_patch16_224")
+    with vtc.apply(model, "tome:r=13") as handle:
+        logits = model(images)
+        print(handle.token_counts)
+"""
+
+from vtc.apply import Handle, apply
+from vtc.reducers import EViT, Pool, RandomDrop, ToMe, parse_reducer
+from vtc.state import TokenState
+
+__version__ = "0.1.0"
+
+__all__ = ["EViT", "Handle", "Pool", "RandomDrop", "ToMe", "TokenState", "apply", "parse_reducer", "__version__"]

@@ -1,0 +1,90 @@
+"""``vtc.apply``: attach reducers to one model instance, reversibly (DESIGN.md "Applying and removing")."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vtc.models import find_adapter
+from vtc.models.base import EncoderAdapter
+from vtc.reducers.base import EncoderReducer, Reducer, Site
+from vtc.reducers.registry import parse_reducer
+from vtc.state import TokenState
+
+_HANDLE_ATTR = "_vtc_handle"
+
+
+class Handle:
+    """What :func:`apply` returns: inspect the last forward, or :meth:`remove` the reducers.
+
+    Usable as a context manager: leaving the ``with`` block removes the reducers.
+    """
+
+    def __init__(self, model: nn.Module, adapter: EncoderAdapter, reducers: list[Reducer]) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.reducers = reducers
+        self.active = True
+
+    @property
+    def state(self) -> TokenState | None:
+        """The :class:`TokenState` after the last block of the last forward."""
+        return self.adapter.state
+
+    @property
+    def token_counts(self) -> list[int]:
+        """Tokens entering each block in the last forward, then the count leaving the last block."""
+        return list(self.adapter.token_counts)
+
+    def planned_token_counts(self) -> list[int]:
+        """The same counts predicted from the plan at the model's default input size."""
+        reducer = self.adapter.reducer
+        if reducer is None:
+            return [self.adapter.info.num_tokens] * (self.adapter.info.num_layers + 1)
+        return reducer.token_counts(self.adapter.info, self.adapter.plan)
+
+    def remove(self) -> None:
+        """Restore the model exactly as it was (idempotent)."""
+        if self.active:
+            self.adapter.remove()
+            self.model.__dict__.pop(_HANDLE_ATTR, None)
+            self.active = False
+
+    def __enter__(self) -> "Handle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        names = ", ".join(r.describe() for r in self.reducers) or "no reducer"
+        return f"<vtc.Handle {self.adapter.family}: {names}{'' if self.active else ' (removed)'}>"
+
+
+def apply(model: nn.Module, *reducers: Reducer | str) -> Handle:
+    """Patch ``model`` (this instance only) with ``reducers`` given as objects or spec strings.
+
+    Raises TypeError for an unsupported model (naming the supported families) and ValueError for
+    a reducer that cannot act on it (wrong site, impossible budget, more than one encoder reducer).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"vtc.apply needs a torch.nn.Module, got {type(model).__name__}")
+    existing = model.__dict__.get(_HANDLE_ATTR)
+    if existing is not None and existing.active:
+        raise ValueError("this model already has vtc reducers applied; call handle.remove() first")
+    parsed = [parse_reducer(r) for r in reducers]
+    adapter_cls = find_adapter(model)
+    for reducer in parsed:
+        if reducer.site is not Site.ENCODER:
+            raise ValueError(
+                f"{reducer.name} acts at the {reducer.site.value} site, but a {adapter_cls.family} vision "
+                f"encoder only has the encoder site"
+            )
+    if len(parsed) > 1:
+        names = ", ".join(r.name for r in parsed)
+        raise ValueError(f"one encoder reducer per model, got {names}; reducers compose across sites, not within one")
+    encoder: EncoderReducer | None = parsed[0] if parsed else None
+    adapter = adapter_cls(model, encoder)
+    adapter.install()
+    handle = Handle(model, adapter, parsed)
+    model.__dict__[_HANDLE_ATTR] = handle
+    return handle

@@ -1,0 +1,81 @@
+"""Per-layer budget schedules (DESIGN.md "Budgets"; tome.md section b "Schedules"; dymu.md B.2).
+
+All functions are pure: a budget goes in, a list with one entry per layer comes out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+SCHEDULES = ("constant", "linear", "reverse-linear")
+
+
+def tome_inflection(r: int, inflect: float, num_layers: int) -> list[int]:
+    """ToMe's ``(r, inflect)`` schedule (``tome.utils.parse_r``): linear from ``lo`` to ``hi`` with
+    ``lo = int(r (1 - inflect))``, ``hi = 2r - lo``. inflect -1: 2r down to 0 (the paper's
+    decreasing schedule); 0: constant; +1: increasing."""
+    if not -1.0 <= inflect <= 1.0:
+        raise ValueError(f"inflect must be in [-1, 1], got {inflect}")
+    if num_layers == 1:
+        return [r]
+    lo = int(r * (1 - inflect))
+    hi = 2 * r - lo
+    return [int(lo + (hi - lo) * layer / (num_layers - 1)) for layer in range(num_layers)]
+
+
+def constant_total(total: int, num_layers: int) -> list[int]:
+    """``total`` spread evenly; the remainder goes one each to the first layers (dymu.md B.2)."""
+    base, extra = divmod(total, num_layers)
+    return [base + (1 if layer < extra else 0) for layer in range(num_layers)]
+
+
+def linear_total(total: int, num_layers: int) -> list[int]:
+    """More merging early: ``r0 = floor(2R/L)`` decreasing by ``r0/L`` per layer until the sum
+    reaches ``total``, one partial entry, zero padding (dymu.md B.2)."""
+    r0 = (2 * total) // num_layers
+    step = r0 / num_layers
+    out: list[int] = []
+    running = 0
+    for layer in range(num_layers):
+        value = int(r0 - layer * step)
+        if running + value >= total or value <= 0:
+            break
+        out.append(value)
+        running += value
+    if running < total and len(out) < num_layers:
+        out.append(total - running)
+    return out + [0] * (num_layers - len(out))
+
+
+def per_layer(
+    value: int | Sequence[int],
+    num_layers: int,
+    schedule: str = "constant",
+    inflect: float | None = None,
+) -> list[int]:
+    """Expand a budget into one integer per layer.
+
+    ``value`` is an int (per-layer amount under ``constant`` or ``inflect``; the total over all
+    layers under ``linear``/``reverse-linear``) or an explicit list, zero-padded to ``num_layers``.
+    """
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        values = [int(v) for v in value]
+        if len(values) > num_layers:
+            raise ValueError(f"explicit schedule has {len(values)} entries but the model has {num_layers} layers")
+        return values + [0] * (num_layers - len(values))
+    value = int(value)
+    if inflect is not None:
+        return tome_inflection(value, inflect, num_layers)
+    if schedule == "constant":
+        return [value] * num_layers
+    if schedule == "linear":
+        return linear_total(value, num_layers)
+    if schedule == "reverse-linear":
+        return linear_total(value, num_layers)[::-1]
+    raise ValueError(f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+
+
+def default_drop_layers(num_layers: int) -> tuple[int, ...]:
+    """EViT's drop locations (3, 6, 9) for 12 blocks, scaled to other depths as L/4, L/2, 3L/4."""
+    return tuple(sorted({max(0, math.floor(num_layers * f)) for f in (0.25, 0.5, 0.75)}))

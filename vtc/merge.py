@@ -1,0 +1,134 @@
+"""Pure token-reduction functions shared by every reducer (spec tome.md section b, evit.md section b).
+
+The shape follows ToMe's ``merge.py``: a metric goes in, a destination map comes out, and one
+function applies any map to a :class:`~vtc.state.TokenState`. A destination map ``dest`` (B, N)
+gives, for every current token, the index of the token that carries it afterwards (-1: dropped).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vtc.kernels import bipartite_match, merge_weighted
+from vtc.state import TokenState
+
+
+def merge_capacity(n_tokens: int, n_prefix: int) -> int:
+    """Most tokens one bipartite step can remove: half of the mergeable tokens (tome.md b.2.1)."""
+    return max(0, (n_tokens - n_prefix) // 2)
+
+
+def bipartite_soft_matching(
+    metric: torch.Tensor, r: int, n_prefix: int, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
+    """ToMe's bipartite soft matching as a destination map (tome.md b.2-b.3).
+
+    A = even, B = odd positions of the current order; each A token points to its most similar B
+    token (cosine of ``metric``); the ``r`` best-scoring A tokens merge into their partners.
+    The first ``n_prefix`` tokens are protected and stay first. Output order is ToMe's:
+    ``[prefix, unmerged A (ascending), B (ascending)]``. Exact ties in score are broken toward
+    the lower A index (a stable sort), so results are reproducible across runs and devices.
+
+    Returns ``(dest, n_out)`` with ``n_out = N - r``.
+    """
+    batch, n = metric.shape[:2]
+    if r < 0 or r > merge_capacity(n, n_prefix):
+        raise ValueError(
+            f"r={r} is outside what one bipartite step can remove from {n} tokens with "
+            f"{n_prefix} protected: 0 <= r <= {merge_capacity(n, n_prefix)}"
+        )
+    device = metric.device
+    score, partner = bipartite_match(metric, n_prefix, valid)
+    n_a, n_b = score.shape[1], n // 2
+    prefix_a, prefix_b = (n_prefix + 1) // 2, n_prefix // 2
+    src = score.argsort(dim=-1, descending=True, stable=True)[:, :r]
+    is_src = torch.zeros(batch, n_a, dtype=torch.bool, device=device).scatter_(1, src, True)
+
+    a_index = torch.arange(n_a, device=device)
+    b_index = torch.arange(n_b, device=device)
+    kept_a = ~is_src & (a_index >= prefix_a)
+    n_kept_a = n_a - prefix_a - r
+    dest_a = torch.where(a_index < prefix_a, 2 * a_index, n_prefix + kept_a.cumsum(dim=1) - 1)
+    dest_b = torch.where(b_index < prefix_b, 2 * b_index + 1, n_prefix + n_kept_a + b_index - prefix_b)
+    dest_b = dest_b.expand(batch, n_b)
+    dest_a = torch.where(is_src, dest_b.gather(1, partner), dest_a)
+
+    dest = torch.empty(batch, n, dtype=torch.long, device=device)
+    dest[:, 0::2] = dest_a
+    dest[:, 1::2] = dest_b
+    return dest, n - r
+
+
+def remap_origin(origin: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
+    """Compose an origin map (B, N0) with a destination map (B, N); dropped stays -1."""
+    mapped = dest.gather(1, origin.clamp_min(0))
+    return torch.where(origin >= 0, mapped, torch.full_like(mapped, -1))
+
+
+def merge_tokens(state: TokenState, dest: torch.Tensor, n_out: int, prop_attn: bool) -> TokenState:
+    """Size-weighted merge of every token into its destination (no token is dropped).
+
+    Sizes add up, so ``sum(size)`` and ``sum(size * x)`` are conserved. Raster order is lost.
+    """
+    x, size = merge_weighted(state.x, state.size, dest, n_out)
+    valid = None
+    if state.valid is not None:
+        valid = torch.zeros(dest.shape[0], n_out, dtype=torch.bool, device=dest.device)
+        valid.scatter_(1, dest, state.valid)
+    return state.replace(
+        x=x, size=size, origin=remap_origin(state.origin, dest), valid=valid, grid=None,
+        prop_attn=state.prop_attn or prop_attn,
+    )
+
+
+def keep_tokens(
+    state: TokenState, keep: torch.Tensor, fuse_weight: torch.Tensor | None = None
+) -> TokenState:
+    """Keep the prefix and the tokens at ``keep`` (B, k), in that order; drop the rest.
+
+    With ``fuse_weight`` (B, N) the dropped non-prefix tokens are instead summed into one extra
+    last token, ``sum_j w_j x_j`` with unnormalised weights (EViT's fusion, evit.md b.6); its size
+    is the sum of theirs. Without it, dropped tokens leave ``origin`` as -1.
+    """
+    batch, n = state.x.shape[:2]
+    p, k = state.n_prefix, keep.shape[1]
+    device = state.x.device
+    rows = torch.cat([torch.arange(p, device=device).expand(batch, p), keep], dim=1)
+    dest = torch.full((batch, n), -1, dtype=torch.long, device=device)
+    dest.scatter_(1, rows, torch.arange(p + k, device=device).expand(batch, p + k))
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        index = rows if t.dim() == 2 else rows.unsqueeze(-1).expand(-1, -1, t.shape[-1])
+        return t.gather(1, index)
+
+    x, size = take(state.x), None if state.size is None else take(state.size)
+    valid = None if state.valid is None else take(state.valid)
+    if fuse_weight is not None:
+        dropped = dest < 0
+        weight = fuse_weight * dropped
+        fused = torch.einsum("bn,bnc->bc", weight.to(state.x.dtype), state.x)
+        x = torch.cat([x, fused.unsqueeze(1)], dim=1)
+        fused_size = (state.sizes() * dropped).sum(dim=1, keepdim=True)
+        size = torch.cat([state.sizes().gather(1, rows), fused_size], dim=1)
+        if valid is not None:
+            valid = torch.cat([valid, (dropped & state.valid).any(dim=1, keepdim=True)], dim=1)
+        dest = torch.where(dropped, torch.full_like(dest, p + k), dest)
+    return state.replace(x=x, size=size, origin=remap_origin(state.origin, dest), valid=valid, grid=None)
+
+
+def size_weighted_mean(x: torch.Tensor, size: torch.Tensor | None, valid: torch.Tensor | None) -> torch.Tensor:
+    """Mean over tokens weighted by how many original tokens each stands for (tome.md "Final pooling")."""
+    if size is None and valid is None:
+        return x.mean(dim=1)
+    weight = torch.ones(x.shape[:2], device=x.device) if size is None else size.float()
+    if valid is not None:
+        weight = weight * valid
+    pooled = torch.einsum("bn,bnc->bc", weight.to(x.dtype), x)
+    return pooled / weight.sum(dim=1, keepdim=True).to(x.dtype)
+
+
+def unmerge(state: TokenState) -> torch.Tensor:
+    """(B, N0, C): every original token gets the feature of the token carrying it (zeros if dropped)."""
+    index = state.origin.clamp_min(0).unsqueeze(-1).expand(-1, -1, state.x.shape[-1])
+    full = state.x.gather(1, index)
+    return full.masked_fill((state.origin < 0).unsqueeze(-1), 0)

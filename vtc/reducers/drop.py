@@ -1,0 +1,142 @@
+"""Pruning reducers at fixed layers: EViT (spec ``shared/specs/evit.md``) and the random baseline.
+
+Both keep ``k = ceil(keep * (N - p))`` of the non-prefix tokens at each drop layer (or an explicit
+``tokens`` count); they differ only in how tokens are ranked.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vtc.budget import default_drop_layers
+from vtc.merge import keep_tokens
+from vtc.reducers.base import EncoderInfo, EncoderReducer, Signal, Signals, check_layers
+from vtc.state import TokenState
+
+
+@dataclass
+class _DropAtLayers(EncoderReducer):
+    keep: float = 0.7
+    layers: tuple[int, ...] | None = None
+    tokens: int | tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.keep <= 1.0:
+            raise ValueError(f"{self.name}: keep rate must be in (0, 1], got {self.keep}")
+        if isinstance(self.layers, int):
+            self.layers = (self.layers,)
+        if self.layers is not None:
+            self.layers = tuple(self.layers)
+        if isinstance(self.tokens, (list, tuple)):
+            self.tokens = tuple(self.tokens)
+        counts = self.tokens if isinstance(self.tokens, tuple) else (self.tokens,)
+        if self.tokens is not None and any(int(t) != t or t < 1 for t in counts):
+            raise ValueError(f"{self.name}: tokens must be positive integers, got {self.tokens!r}")
+
+    def _fused(self) -> bool:
+        return False
+
+    def plan(self, info: EncoderInfo) -> list[int | None]:
+        layers = self.layers if self.layers is not None else default_drop_layers(info.num_layers)
+        check_layers(layers, info.num_layers, self.name)
+        if isinstance(self.tokens, tuple) and len(self.tokens) != len(layers):
+            raise ValueError(
+                f"{self.name}: {len(self.tokens)} token counts given for {len(layers)} drop layers {layers}"
+            )
+        plan: list[int | None] = [None] * info.num_layers
+        n = info.num_tokens
+        for i, layer in enumerate(sorted(layers)):
+            mergeable = n - info.n_prefix
+            k = self._kept(mergeable, i)
+            if k > mergeable:
+                raise ValueError(
+                    f"{self.name}: layer {layer} is asked to keep {k} tokens but has only {mergeable} "
+                    f"(excluding {info.n_prefix} prefix tokens)"
+                )
+            if k < mergeable:
+                plan[layer] = k if self.tokens is not None else -1
+                n = self.tokens_after(n, info.n_prefix, plan[layer])
+        return plan
+
+    def _kept(self, mergeable: int, drop_index: int) -> int:
+        if self.tokens is None:
+            return math.ceil(self.keep * mergeable)
+        return self.tokens[drop_index] if isinstance(self.tokens, tuple) else self.tokens
+
+    def _count(self, mergeable: int, budget: int) -> int:
+        """Kept tokens for a budget: an explicit count, or -1 for ``ceil(keep * mergeable)``."""
+        return math.ceil(self.keep * mergeable) if budget < 0 else min(budget, mergeable)
+
+    def tokens_after(self, num_tokens: int, n_prefix: int, budget: int) -> int:
+        mergeable = num_tokens - n_prefix
+        k = self._count(mergeable, budget)
+        return n_prefix + k + (1 if self._fused() and k < mergeable else 0)
+
+
+@dataclass
+class EViT(_DropAtLayers):
+    """Keep the tokens the CLS token attends to most; fuse the rest into one token (evit.md b).
+
+    Args:
+        keep: keep rate kappa in (0, 1]; ``k = ceil(kappa (N - p))`` counts a previous fused token.
+        layers: drop locations (0-based); default (3, 6, 9) for 12 blocks, L/4, L/2, 3L/4 otherwise.
+        fuse: fuse inattentive tokens into one token weighted by their (unnormalised) CLS attention.
+        tokens: explicit kept count per drop layer (overrides ``keep``), as the official ``tokens``.
+
+    Inference-only use on pretrained weights, as the spec describes (evit.md b, "without training").
+    Departures: CLS attention is one softmax row computed beside SDPA instead of eager attention;
+    every prefix token (not only CLS) is protected (evit.md g.1); ties in attentiveness are broken
+    toward the lower index. Kept tokens are ordered by decreasing attentiveness, as in the paper.
+    Towers without a CLS token (SigLIP) are refused: EViT is not defined there (evit.md g.9).
+    """
+
+    name: ClassVar[str] = "evit"
+    needs: ClassVar[frozenset[Signal]] = frozenset({Signal.CLS_ATTN})
+    fuse: bool = True
+
+    def _fused(self) -> bool:
+        return self.fuse
+
+    def plan(self, info: EncoderInfo) -> list[int | None]:
+        if not info.has_cls:
+            raise ValueError(
+                f"evit: EViT ranks tokens by the CLS token's attention, and this {info.family} model has no "
+                f"CLS token; use tome, random or pool on it instead"
+            )
+        return super().plan(info)
+
+    def reduce(self, state: TokenState, signals: Signals, budget: int, layer: int) -> TokenState:
+        p = state.n_prefix
+        attentiveness = signals.cls_attn[:, p:]
+        k = self._count(attentiveness.shape[1], budget)
+        if k == attentiveness.shape[1]:
+            return state
+        keep = attentiveness.argsort(dim=1, descending=True, stable=True)[:, :k] + p
+        fuse_weight = torch.nn.functional.pad(attentiveness, (p, 0)) if self.fuse else None
+        return keep_tokens(state, keep, fuse_weight)
+
+
+@dataclass
+class RandomDrop(_DropAtLayers):
+    """Random pruning baseline: keep a random subset of the non-prefix tokens at each drop layer.
+
+    The choice is drawn from ``seed`` and the layer index and is the same for every image of a
+    batch, so a batch gives the same result as single runs; change ``seed`` to resample. Kept
+    tokens stay in their current order. Defaults mirror EViT's (keep 0.7 at L/4, L/2, 3L/4).
+    """
+
+    name: ClassVar[str] = "random"
+    seed: int = 0
+
+    def reduce(self, state: TokenState, signals: Signals, budget: int, layer: int) -> TokenState:
+        p, (batch, n) = state.n_prefix, state.x.shape[:2]
+        k = self._count(n - p, budget)
+        if k == n - p:
+            return state
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + layer)
+        chosen = torch.randperm(n - p, generator=generator)[:k].sort().values + p
+        return keep_tokens(state, chosen.to(state.x.device).expand(batch, k))

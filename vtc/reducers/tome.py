@@ -1,0 +1,97 @@
+"""ToMe — bipartite soft token merging (spec ``shared/specs/tome.md``).
+
+Faithful to the paper/official code: keys averaged over heads as the metric, cosine similarity,
+alternating A/B split on the current order, size-weighted average merge, proportional attention
+(``log(size)`` key bias), prefix tokens protected, ToMe's output order ``[unmerged A, B]``.
+
+Departures, all deliberate:
+* proportional attention is an additive mask to SDPA instead of an explicit softmax (same math,
+  fast attention kept); LayerScale, qk-norm and register tokens are honoured (tome.md g.1, g.2, g.13);
+  with qk-norm the metric uses the normalised keys the attention actually sees;
+* every prefix token (CLS, distillation, registers) is protected, not only CLS/dist;
+* exact score ties go to the lower A index (stable sort) instead of an unspecified order (g.7);
+* a per-layer ``r`` above the 50% cap raises an error unless ``clamp=True`` (the official code
+  clamps silently, tome.md g.9);
+* average and attention pooling are size-weighted (the official timm patch leaves them alone, g.5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from vtc.budget import SCHEDULES, per_layer
+from vtc.merge import bipartite_soft_matching, merge_capacity, merge_tokens
+from vtc.reducers.base import EncoderInfo, EncoderReducer, Signal, Signals
+from vtc.state import TokenState
+
+
+@dataclass
+class ToMe(EncoderReducer):
+    """Merge ``r`` tokens per block.
+
+    Args:
+        r: tokens removed per layer (int), or an explicit per-layer list. Under ``schedule``
+            ``linear``/``reverse-linear`` the int is the per-layer average (total ``r * L``,
+            spread as DyMU's schedules, dymu.md B.2).
+        schedule: ``constant`` | ``linear`` (more merging early) | ``reverse-linear``.
+        inflect: ToMe's ``(r, inflect)`` schedule in [-1, 1]; -1 is the paper's decreasing schedule.
+        prop_attn: proportional attention (True for supervised models, False for MAE off the shelf).
+        clamp: cap ``r`` per layer at half the mergeable tokens instead of raising.
+    """
+
+    name: ClassVar[str] = "tome"
+    needs: ClassVar[frozenset[Signal]] = frozenset({Signal.KEY_MEAN})
+
+    r: int | tuple[int, ...] = 0
+    schedule: str = "constant"
+    inflect: float | None = None
+    prop_attn: bool = True
+    clamp: bool = False
+
+    def __post_init__(self) -> None:
+        values = self.r if isinstance(self.r, (tuple, list)) else (self.r,)
+        if any(int(v) != v or v < 0 for v in values):
+            raise ValueError(f"tome: r must be a non-negative integer (or a list of them), got {self.r!r}")
+        if isinstance(self.r, list):
+            self.r = tuple(self.r)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"tome: unknown schedule {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        if self.inflect is not None and not -1.0 <= self.inflect <= 1.0:
+            raise ValueError(f"tome: inflect must be in [-1, 1], got {self.inflect}")
+
+    def plan(self, info: EncoderInfo) -> list[int | None]:
+        n_layers = info.num_layers
+        if isinstance(self.r, tuple):
+            rs = per_layer(self.r, n_layers)
+        elif self.schedule != "constant":
+            rs = per_layer(self.r * n_layers, n_layers, self.schedule)
+        else:
+            rs = per_layer(self.r, n_layers, inflect=self.inflect)
+        plan: list[int | None] = []
+        n = info.num_tokens
+        for layer, r in enumerate(rs):
+            r = self._checked(r, n, info.n_prefix, layer)
+            plan.append(r or None)
+            n -= r
+        return plan
+
+    def _checked(self, r: int, n: int, n_prefix: int, layer: int) -> int:
+        cap = merge_capacity(n, n_prefix)
+        if r <= cap:
+            return r
+        if self.clamp:
+            return cap
+        raise ValueError(
+            f"tome: layer {layer} is asked to remove r={r} tokens but only {cap} of its {n} tokens can be "
+            f"merged (half of the {n - n_prefix} unprotected ones); lower r, use schedule=linear, "
+            f"or pass clamp=true to cap r per layer as the official code does"
+        )
+
+    def tokens_after(self, num_tokens: int, n_prefix: int, budget: int) -> int:
+        return num_tokens - min(budget, merge_capacity(num_tokens, n_prefix))
+
+    def reduce(self, state: TokenState, signals: Signals, budget: int, layer: int) -> TokenState:
+        r = self._checked(budget, state.num_tokens, state.n_prefix, layer)
+        dest, n_out = bipartite_soft_matching(signals.key_mean, r, state.n_prefix, state.valid)
+        return merge_tokens(state, dest, n_out, self.prop_attn)
