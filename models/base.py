@@ -75,6 +75,14 @@ class EncoderAdapter:
     def patch_pooling(self) -> None:
         """Make pooling after the blocks size-aware (average and attention pooling)."""
 
+    def attention_heads(self, block: nn.Module) -> tuple[int, int]:
+        """(heads, head_dim) of a block's attention."""
+        raise NotImplementedError
+
+    def branches(self, block: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """(attention module, MLP module) of a block, for per-token FLOP counting."""
+        raise NotImplementedError
+
     def stem_conv(self) -> nn.Conv2d:
         """The patch-embedding convolution (its output width is the token width)."""
         raise NotImplementedError

@@ -111,6 +111,13 @@ class HFVisionAdapter(EncoderAdapter):
 
         self._patcher.set(head, "forward", pool)
 
+    def attention_heads(self, block):
+        attn = block.self_attn
+        return attn.q_proj.out_features // attn.head_dim, attn.head_dim
+
+    def branches(self, block):
+        return block.self_attn, block.mlp
+
     def stem_conv(self):
         return self.vision.embeddings.patch_embedding
 

@@ -131,6 +131,12 @@ class OpenCLIPAdapter(EncoderAdapter):
 
         self._patcher.set(pooler, "forward", attn_pool)
 
+    def attention_heads(self, block):
+        return block.attn.num_heads, block.attn.embed_dim // block.attn.num_heads
+
+    def branches(self, block):
+        return block.attn, block.mlp
+
     def stem_conv(self):
         return self.visual.conv1
 

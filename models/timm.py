@@ -109,6 +109,12 @@ class TimmViTAdapter(EncoderAdapter):
 
         self._patcher.set(model, "pool", pool)
 
+    def attention_heads(self, block):
+        return block.attn.num_heads, block.attn.head_dim
+
+    def branches(self, block):
+        return block.attn, block.mlp
+
     def stem_conv(self):
         return self.model.patch_embed.proj
 

@@ -106,8 +106,8 @@ def keep_tokens(
     if fuse_weight is not None:
         dropped = dest < 0
         weight = fuse_weight * dropped
-        fused = torch.einsum("bn,bnc->bc", weight.to(state.x.dtype), state.x)
-        x = torch.cat([x, fused.unsqueeze(1)], dim=1)
+        fused = (weight.to(state.x.dtype).unsqueeze(-1) * state.x).sum(dim=1, keepdim=True)
+        x = torch.cat([x, fused], dim=1)
         fused_size = (state.sizes() * dropped).sum(dim=1, keepdim=True)
         size = torch.cat([state.sizes().gather(1, rows), fused_size], dim=1)
         if valid is not None:
@@ -123,7 +123,7 @@ def size_weighted_mean(x: torch.Tensor, size: torch.Tensor | None, valid: torch.
     weight = torch.ones(x.shape[:2], device=x.device) if size is None else size.float()
     if valid is not None:
         weight = weight * valid
-    pooled = torch.einsum("bn,bnc->bc", weight.to(x.dtype), x)
+    pooled = (weight.to(x.dtype).unsqueeze(-1) * x).sum(dim=1)
     return pooled / weight.sum(dim=1, keepdim=True).to(x.dtype)
 
 
