@@ -24,9 +24,11 @@ def _vision_transformer(model: object) -> nn.Module | None:
         from transformers import CLIPModel, CLIPVisionModel, SiglipModel, SiglipVisionModel
     except ImportError:
         return None
-    if isinstance(model, (CLIPVisionModel, CLIPModel, SiglipVisionModel, SiglipModel)):
-        return model.vision_model
-    return None
+    if isinstance(model, (CLIPModel, SiglipModel)):
+        model = model.vision_model
+    if not isinstance(model, (CLIPVisionModel, SiglipVisionModel)):
+        return None
+    return getattr(model, "vision_model", model)  # transformers 5.x has no inner wrapper
 
 
 class HFVisionAdapter(EncoderAdapter):
