@@ -1,0 +1,34 @@
+"""The built wheel installs vtc, vtc.models and vtc.kernels (models/ and kernels/ map into vtc)."""
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_contains_and_imports_subpackages(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("vtc_vlm-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        assert {"vtc/__init__.py", "vtc/models/__init__.py", "vtc/kernels/__init__.py", "vtc/reducers/tome.py"} <= names
+        assert not any(name.startswith(("models/", "kernels/")) for name in names), "nothing generic at top level"
+        archive.extractall(tmp_path / "site")
+    site = tmp_path / "site"
+    probe = (
+        "import vtc, vtc.models, vtc.kernels, timm, torch\n"
+        "assert vtc.models.__file__.startswith(%r), vtc.models.__file__\n"
+        "assert vtc.kernels.__file__.startswith(%r), vtc.kernels.__file__\n"
+        "m = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=2, num_classes=3)\n"
+        "with vtc.apply(m, 'tome:r=2') as h:\n"
+        "    m(torch.randn(1, 3, 32, 32))\n"
+        "assert h.token_counts == [17, 15, 13], h.token_counts\n"
+    ) % (str(site), str(site))
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    subprocess.run([sys.executable, "-c", probe], check=True, cwd=tmp_path, env=env)
