@@ -28,9 +28,10 @@ def attend(
     cls_attn = None
     if Signal.CLS_ATTN in needs:
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        logits = (q[:, :, :1] @ k.transpose(-1, -2)).float() * scale
+        work = torch.promote_types(q.dtype, torch.float32)
+        logits = (q[:, :, :1] @ k.transpose(-1, -2)).to(work) * scale
         if bias is not None:
-            logits = logits + bias.float()
+            logits = logits + bias.to(work)
         cls_attn = logits.softmax(dim=-1).mean(dim=1)[:, 0]
     return out, Signals(key_mean=key_mean, cls_attn=cls_attn)
 

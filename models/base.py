@@ -113,9 +113,14 @@ class EncoderAdapter:
 
     # ----- shared machinery ---------------------------------------------------------------------
     def install(self) -> None:
-        for index, block in enumerate(self.blocks):
-            self.patch_block(index, block)
-        self.patch_pooling()
+        """Patch every block and the pooling; on any failure nothing stays patched."""
+        try:
+            for index, block in enumerate(self.blocks):
+                self.patch_block(index, block)
+            self.patch_pooling()
+        except BaseException:
+            self._patcher.restore()
+            raise
 
     def remove(self) -> None:
         self._patcher.restore()

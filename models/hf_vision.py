@@ -128,4 +128,6 @@ class HFVisionAdapter(EncoderAdapter):
             tokens = self.vision.post_layernorm(tokens)
             head = getattr(self.vision, "head", None)
             return head(tokens) if head is not None else tokens
-        return self.vision.post_layernorm(tokens[:, 0])
+        pooled = self.vision.post_layernorm(tokens[:, 0])
+        projection = getattr(self.model, "visual_projection", None)  # CLIPModel.get_image_features
+        return pooled if projection is None else projection(pooled)

@@ -106,7 +106,10 @@ class OpenCLIPAdapter(EncoderAdapter):
 
         def global_pool(x: torch.Tensor):
             state = self.current_state(x)
-            if visual.pool_type != "avg" or state is None or (state.size is None and state.valid is None):
+            # after an attentional pooler, x holds its query outputs, not the encoder's tokens
+            if visual.pool_type != "avg" or visual.attn_pool is not None or state is None or (
+                state.size is None and state.valid is None
+            ):
                 return original_pool(x)
             size = None if state.size is None else state.size[:, 1:]
             valid = None if state.valid is None else state.valid[:, 1:]

@@ -59,9 +59,10 @@ class TokenState:
         and ``-inf`` on padding; None when neither applies (the plain fast path)."""
         if not self.needs_attention_bias():
             return None
-        bias = torch.zeros(self.x.shape[:2], device=self.x.device, dtype=torch.float32)
+        work = torch.promote_types(dtype, torch.float32)
+        bias = torch.zeros(self.x.shape[:2], device=self.x.device, dtype=work)
         if self.prop_attn and self.size is not None:
-            bias = self.size.float().log()
+            bias = self.size.to(work).log()
         if self.valid is not None:
             bias = bias.masked_fill(~self.valid, float("-inf"))
         return bias.to(dtype)[:, None, None, :]

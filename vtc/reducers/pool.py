@@ -61,7 +61,8 @@ class Pool(EncoderReducer):
     def plan(self, info: EncoderInfo) -> list[tuple[int, int] | None]:
         check_layers((self.layer,), info.num_layers, self.name)
         plan: list[tuple[int, int] | None] = [None] * info.num_layers
-        plan[self.layer] = self.output_grid(info.grid)
+        out_grid = self.output_grid(info.grid)
+        plan[self.layer] = out_grid if out_grid != info.grid else None  # a 1x1 window changes nothing
         return plan
 
     def tokens_after(self, num_tokens: int, n_prefix: int, budget: tuple[int, int]) -> int:

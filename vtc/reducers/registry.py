@@ -1,7 +1,7 @@
 """Spec strings: ``"tome:r=8"``, ``"evit:keep=0.7,layers=3;6;9"`` (DESIGN.md "Applying and removing").
 
 Grammar: ``name[:option=value[,option=value...]]``. A value is an int, a float, ``true``/``false``,
-``none``, a ``;``-separated list of ints, or a word. The same strings are used by the CLI.
+``none``, a ``;``-separated list (``5;`` is a one-entry list), or a word. The same strings are used by the CLI.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def to_spec(reducer: Reducer) -> str:
         if value == field.default:
             continue
         if isinstance(value, tuple):
-            text = ";".join(str(v) for v in value)
+            text = ";".join(str(v) for v in value) + (";" if len(value) == 1 else "")
         else:
             text = str(value).lower() if isinstance(value, bool) or value is None else str(value)
         parts.append(f"{field.name}={text}")

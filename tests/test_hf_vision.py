@@ -1,0 +1,178 @@
+"""HF CLIPVisionModel / CLIPModel / SiglipVisionModel adapter, on tiny models saved with
+``save_pretrained`` and reloaded with ``from_pretrained`` (see families.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import vtc
+
+
+def _families():
+    name = "vtc_test_families"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("families.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+fam = _families()
+FAMILIES = [fam.FAMILIES[name] for name in fam.HF]
+CASES = [pytest.param(f, spec, id=f"{f.name}-{spec}") for f in FAMILIES for spec in fam.reducers_for(f)]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return fam.ModelCache(tmp_path_factory)
+
+
+def test_models_come_from_from_pretrained(models):
+    from transformers import CLIPModel, CLIPVisionModel, SiglipVisionModel
+
+    clip, model, siglip = (models.get(n) for n in ("hf-clip-vision", "hf-clip-model", "hf-siglip-vision"))
+    assert isinstance(clip, CLIPVisionModel) and not hasattr(clip, "vision_model")  # transformers 5.x: flat
+    assert isinstance(model, CLIPModel) and isinstance(model.vision_model, CLIPVisionModel)
+    assert isinstance(siglip, SiglipVisionModel) and siglip.use_head
+    for m, n0, prefix in ((clip, 65, 1), (model, 65, 1), (siglip, 64, 0)):
+        with vtc.apply(m) as handle:
+            assert handle.adapter.family == "hf"
+            assert (handle.adapter.info.num_tokens, handle.adapter.info.n_prefix) == (n0, prefix)
+            assert handle.planned_token_counts() == [n0] * (fam.LAYERS + 1)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=str)
+@pytest.mark.parametrize("spec", fam.IDENTITY_SPECS)
+def test_zero_budget_is_bit_identical(models, family, spec):
+    if spec.startswith("evit") and not family.has_cls:
+        pytest.skip("EViT needs a CLS token")
+    fam.check_identity(models.get(family.name), family, spec)
+
+
+@pytest.mark.parametrize(
+    "family",
+    [pytest.param(f, id=f.name) for f in FAMILIES],
+)
+@pytest.mark.parametrize("spec", ["pool:kernel=1", "pool:tokens=64"])
+def test_noop_pool_is_bit_identical(models, family, spec):
+    fam.check_identity(models.get(family.name), family, spec)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=str)
+@pytest.mark.parametrize("spec", ["pool:kernel=1", "pool:tokens=64"])
+def test_noop_pool_is_close(models, family, spec):
+    model, x = models.get(family.name), fam.images(2)
+    with torch.no_grad():
+        reference = family.forward(model, x)
+        with vtc.apply(model, spec):
+            out = family.forward(model, x)
+    assert torch.allclose(out, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family, spec", CASES)
+def test_remove_restores_bit_identical(models, family, spec):
+    fam.check_remove_restores(models.get(family.name), family, spec)
+
+
+@pytest.mark.parametrize("family, spec", CASES)
+def test_batch_equals_single_runs(models, family, spec):
+    fam.check_batch_equals_singles(models.get(family.name), family, spec)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("family, spec", CASES)
+def test_low_precision_runs_without_nan(models, family, spec, dtype):
+    fam.check_low_precision(models.fresh(family.name), family, spec, dtype)
+
+
+@pytest.mark.parametrize("family, spec", CASES)
+def test_token_counts_follow_the_plan(models, family, spec):
+    fam.check_token_counts(models.get(family.name), family, spec)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=str)
+def test_merging_exact_duplicates_is_lossless(models, family):
+    """ToMe f.7. CLIP pools the CLS token; SigLIP's attention-pooling head must see log(size)."""
+    diff, reference = fam.check_exactness(models, family, prop_attn=True)
+    assert diff < 1e-7 * max(1.0, reference.abs().max().item())
+    diff, _ = fam.check_exactness(models, family, prop_attn=False)
+    assert diff > 1e-4, "without proportional attention the merged duplicates must be under-weighted"
+
+
+def test_merging_exact_duplicates_float64_round_off(models):
+    diff, _ = fam.check_exactness(models, fam.FAMILIES["hf-clip-vision"], prop_attn=True)
+    assert diff < 1e-12
+
+
+def test_hidden_states_follow_the_token_counts(models):
+    model = models.get("hf-clip-vision")
+    with torch.no_grad(), vtc.apply(model, "tome:r=8") as handle:
+        out = model(pixel_values=fam.images(2), output_hidden_states=True)
+        counts = handle.token_counts
+    assert len(out.hidden_states) == fam.LAYERS + 1  # embeddings first, then one per layer
+    assert [h.shape[1] for h in out.hidden_states] == counts
+    assert out.last_hidden_state.shape[1] == counts[-1]
+
+
+def test_eager_attention_model_gives_the_same_reduction(models, tmp_path):
+    """The adapter re-runs attention with SDPA; a model loaded with eager attention agrees."""
+    from transformers import CLIPVisionModel
+
+    sdpa = models.get("hf-clip-vision")
+    sdpa.save_pretrained(tmp_path)
+    eager = CLIPVisionModel.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert eager.config._attn_implementation == "eager"
+    x = fam.images(2)
+    with torch.no_grad():
+        reference = eager(pixel_values=x).pooler_output
+        with vtc.apply(eager, "tome:r=0"):
+            assert torch.equal(eager(pixel_values=x).pooler_output, reference)
+        outs = []
+        for model in (sdpa, eager):
+            with vtc.apply(model, "tome:r=8"):
+                outs.append(model(pixel_values=x).pooler_output)
+    assert torch.allclose(*outs, rtol=1e-5, atol=1e-6)
+
+
+def test_clip_model_text_tower_is_untouched(models):
+    model = models.get("hf-clip-model")
+    ids = torch.tensor([[0, 5, 7, 9, 1]])
+    with torch.no_grad():
+        text = model.get_text_features(input_ids=ids).pooler_output
+        image = model.get_image_features(pixel_values=fam.images(1)).pooler_output
+        with vtc.apply(model, "tome:r=8"):
+            assert torch.equal(model.get_text_features(input_ids=ids).pooler_output, text)
+            reduced = model.get_image_features(pixel_values=fam.images(1)).pooler_output
+    assert reduced.shape == image.shape == (1, fam.EMBED)
+
+
+def test_siglip_evit_is_refused_for_lack_of_cls(models):
+    for model in (models.get("hf-siglip-vision"), fam.hf_siglip_model()):
+        with pytest.raises(ValueError, match="no CLS token"):
+            vtc.apply(model, "evit:keep=0.5")
+        assert fam.no_instance_patches(model) == []
+        vtc.apply(model, "tome:r=4").remove()  # still usable with a CLS-free reducer
+
+
+def test_siglip_model_is_reduced_through_its_vision_tower(models):
+    model = fam.hf_siglip_model()
+    with torch.no_grad(), vtc.apply(model, "tome:r=8") as handle:
+        out = model.get_image_features(pixel_values=fam.images(2)).pooler_output
+        assert handle.token_counts == [64, 56, 48, 40, 32]
+    assert torch.isfinite(out).all()
+
+
+def test_unsupported_models_are_type_errors():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    text = CLIPTextModel(CLIPTextConfig(**fam._hf_text_kwargs()))
+    for model in (torch.nn.Linear(4, 4), text):
+        with pytest.raises(TypeError, match="supported:.*open_clip.*CLIPVisionModel.*SiglipVisionModel"):
+            vtc.apply(model, "tome:r=1")
+        assert fam.no_instance_patches(model) == []
