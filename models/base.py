@@ -9,6 +9,7 @@ then ``x + mlp(norm2(x))`` on the shorter sequence. The first block starts a fre
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -68,12 +69,17 @@ class EncoderAdapter:
     def pre_attention_norm(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def patch_block(self, index: int, block: nn.Module) -> None:
-        """Install the instance-level forward that routes the block through :meth:`run_block`."""
+    def block_forward(self, index: int, block: nn.Module, original: Callable, *args, **kwargs) -> torch.Tensor:
+        """The block's patched forward (same signature as its own): checks the arguments, handles
+        the family's layout and calls :meth:`run_block`."""
         raise NotImplementedError
 
     def patch_pooling(self) -> None:
         """Make pooling after the blocks size-aware (average and attention pooling)."""
+
+    def grid_feature_methods(self) -> list[tuple[nn.Module, str]]:
+        """Methods that reshape block outputs to the full patch grid (refused while reducing)."""
+        return []
 
     def attention_heads(self, block: nn.Module) -> tuple[int, int]:
         """(heads, head_dim) of a block's attention."""
@@ -116,11 +122,21 @@ class EncoderAdapter:
         """Patch every block and the pooling; on any failure nothing stays patched."""
         try:
             for index, block in enumerate(self.blocks):
-                self.patch_block(index, block)
+                self._patcher.set(block, "forward", functools.partial(self.block_forward, index, block, block.forward))
             self.patch_pooling()
+            for owner, name in self.grid_feature_methods():
+                self._patcher.set(owner, name, functools.partial(self._refuse_grid_features, name, getattr(owner, name)))
         except BaseException:
             self._patcher.restore()
             raise
+
+    def _refuse_grid_features(self, name: str, original: Callable, *args, **kwargs):
+        if any(budget is not None for budget in self.plan):
+            raise ValueError(
+                f"vtc: {name}() reshapes block outputs to the full patch grid, which a reduced sequence no "
+                f"longer fills; read handle.state (vtc.merge.unmerge gives full-length features) or remove the reducer"
+            )
+        return original(*args, **kwargs)
 
     def remove(self) -> None:
         self._patcher.restore()

@@ -9,6 +9,8 @@ layer are on the handle's ``state``.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -86,32 +88,25 @@ class HFVisionAdapter(EncoderAdapter):
     def mlp_branch(self, block, x):
         return block.mlp(block.layer_norm2(x))
 
-    def patch_block(self, index, block):
-        original = block.forward
-
-        def forward(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-            if attention_mask is not None:
-                raise ValueError("vtc: HF vision layers with an attention_mask cannot be token-reduced")
-            return self.run_block(index, block, hidden_states, lambda x: original(x, attention_mask, **kwargs))
-
-        self._patcher.set(block, "forward", forward)
+    def block_forward(self, index, block, original, hidden_states, attention_mask=None, **kwargs):
+        if attention_mask is not None:
+            raise ValueError("vtc: HF vision layers with an attention_mask cannot be token-reduced")
+        return self.run_block(index, block, hidden_states, lambda x: original(x, attention_mask, **kwargs))
 
     def patch_pooling(self):
         head = getattr(self.vision, "head", None) if self.is_siglip else None
-        if head is None:
-            return
-        original = head.forward
+        if head is not None:
+            self._patcher.set(head, "forward", functools.partial(self.biased_head, head, head.forward))
 
-        def pool(hidden_state: torch.Tensor) -> torch.Tensor:
-            state = self.current_state(hidden_state)
-            bias = None if state is None else state.attention_bias(hidden_state.dtype)
-            if bias is None:
-                return original(hidden_state)
-            probe = head.probe.expand(hidden_state.shape[0], -1, -1)
-            out = pool_attention(head.attention, probe, hidden_state, bias)
-            return (out + head.mlp(head.layernorm(out)))[:, 0]
-
-        self._patcher.set(head, "forward", pool)
+    def biased_head(self, head, original, hidden_state: torch.Tensor) -> torch.Tensor:
+        """SigLIP's attention-pooling head with the ``log(size)`` key bias."""
+        state = self.current_state(hidden_state)
+        bias = None if state is None else state.attention_bias(hidden_state.dtype)
+        if bias is None:
+            return original(hidden_state)
+        probe = head.probe.expand(hidden_state.shape[0], -1, -1)
+        out = pool_attention(head.attention, probe, hidden_state, bias)
+        return (out + head.mlp(head.layernorm(out)))[:, 0]
 
     def attention_heads(self, block):
         attn = block.self_attn

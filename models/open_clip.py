@@ -9,6 +9,8 @@ are honoured; average pooling is size-weighted and the attentional pooler gets t
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -86,53 +88,45 @@ class OpenCLIPAdapter(EncoderAdapter):
     def mlp_branch(self, block, x):
         return block.ls_2(block.mlp(block.ln_2(x)))
 
-    def patch_block(self, index, block):
-        original = block.forward
-        batch_first = self.batch_first
-
-        def forward(q_x, k_x=None, v_x=None, attn_mask=None):
-            if k_x is not None or v_x is not None or attn_mask is not None:
-                raise ValueError("vtc: open_clip blocks with cross-attention inputs or an attn_mask cannot be token-reduced")
-            if batch_first:
-                return self.run_block(index, block, q_x, original)
-            out = self.run_block(index, block, q_x.transpose(0, 1), lambda x: original(x.transpose(0, 1)).transpose(0, 1))
-            return out.transpose(0, 1)
-
-        self._patcher.set(block, "forward", forward)
+    def block_forward(self, index, block, original, q_x, k_x=None, v_x=None, attn_mask=None):
+        if k_x is not None or v_x is not None or attn_mask is not None:
+            raise ValueError("vtc: open_clip blocks with cross-attention inputs or an attn_mask cannot be token-reduced")
+        if self.batch_first:
+            return self.run_block(index, block, q_x, original)
+        out = self.run_block(index, block, q_x.transpose(0, 1), lambda x: original(x.transpose(0, 1)).transpose(0, 1))
+        return out.transpose(0, 1)
 
     def patch_pooling(self):
         visual = self.visual
-        original_pool = visual._global_pool
-
-        def global_pool(x: torch.Tensor):
-            state = self.current_state(x)
-            # after an attentional pooler, x holds its query outputs, not the encoder's tokens
-            if visual.pool_type != "avg" or visual.attn_pool is not None or state is None or (
-                state.size is None and state.valid is None
-            ):
-                return original_pool(x)
-            size = None if state.size is None else state.size[:, 1:]
-            valid = None if state.valid is None else state.valid[:, 1:]
-            return size_weighted_mean(x[:, 1:], size, valid), x[:, 1:]
-
-        self._patcher.set(visual, "_global_pool", global_pool)
-        pooler = visual.attn_pool
-        if pooler is None:
-            return
-        if visual.attn_pool_contrastive is not None:
+        if visual.attn_pool is not None and visual.attn_pool_contrastive is not None:
             raise TypeError("vtc does not support open_clip's parallel/cascade attentional pooling")
+        self._patcher.set(visual, "_global_pool", functools.partial(self.size_aware_pool, visual._global_pool))
+        if visual.attn_pool is not None:
+            pooler = visual.attn_pool
+            self._patcher.set(pooler, "forward", functools.partial(self.biased_attn_pool, pooler, pooler.forward))
 
-        original_attn_pool = pooler.forward
+    def grid_feature_methods(self):
+        return [(self.visual, "forward_intermediates")]
 
-        def attn_pool(x: torch.Tensor) -> torch.Tensor:
-            state = self.current_state(x)
-            bias = None if state is None else state.attention_bias(x.dtype)
-            if bias is None:
-                return original_attn_pool(x)
-            query = pooler.ln_q(pooler.query).unsqueeze(0).expand(x.shape[0], -1, -1)
-            return pool_attention(pooler.attn, query, pooler.ln_k(x), bias)
+    def size_aware_pool(self, original, x: torch.Tensor):
+        visual = self.visual
+        state = self.current_state(x)
+        # after an attentional pooler, x holds its query outputs, not the encoder's tokens
+        if visual.pool_type != "avg" or visual.attn_pool is not None or state is None or (
+            state.size is None and state.valid is None
+        ):
+            return original(x)
+        size = None if state.size is None else state.size[:, 1:]
+        valid = None if state.valid is None else state.valid[:, 1:]
+        return size_weighted_mean(x[:, 1:], size, valid), x[:, 1:]
 
-        self._patcher.set(pooler, "forward", attn_pool)
+    def biased_attn_pool(self, pooler, original, x: torch.Tensor) -> torch.Tensor:
+        state = self.current_state(x)
+        bias = None if state is None else state.attention_bias(x.dtype)
+        if bias is None:
+            return original(x)
+        query = pooler.ln_q(pooler.query).unsqueeze(0).expand(x.shape[0], -1, -1)
+        return pool_attention(pooler.attn, query, pooler.ln_k(x), bias)
 
     def attention_heads(self, block):
         return block.attn.num_heads, block.attn.embed_dim // block.attn.num_heads

@@ -4,11 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-_MISSING = object()
+class _Missing:
+    """Marks an attribute that did not exist before patching; survives ``copy.deepcopy``."""
+
+    def __deepcopy__(self, memo: dict) -> "_Missing":
+        return self
+
+
+_MISSING = _Missing()
 
 
 class InstancePatcher:
-    """Sets attributes on object instances and puts every one back on :meth:`restore`."""
+    """Sets attributes on object instances and puts every one back on :meth:`restore`.
+
+    Patches should be bound methods or ``functools.partial`` of them (not closures), so that
+    ``copy.deepcopy`` of a patched model rebinds them to the copy's own modules.
+    """
 
     def __init__(self) -> None:
         self._saved: list[tuple[Any, str, Any]] = []

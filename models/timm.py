@@ -4,6 +4,8 @@ or off). Other block types (parallel, post-norm, RoPE attention) are refused wit
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -72,42 +74,38 @@ class TimmViTAdapter(EncoderAdapter):
     def mlp_branch(self, block, x):
         return block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
-    def patch_block(self, index, block):
-        original = block.forward
-
-        def forward(x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-            if attn_mask is not None or is_causal:
-                raise ValueError("vtc: timm blocks with an attn_mask or is_causal cannot be token-reduced")
-            return self.run_block(index, block, x, original)
-
-        self._patcher.set(block, "forward", forward)
+    def block_forward(self, index, block, original, x, attn_mask=None, is_causal=False):
+        if attn_mask is not None or is_causal:
+            raise ValueError("vtc: timm blocks with an attn_mask or is_causal cannot be token-reduced")
+        return self.run_block(index, block, x, original)
 
     def patch_pooling(self):
+        self._patcher.set(self.model, "pool", functools.partial(self.size_aware_pool, self.model.pool))
+
+    def grid_feature_methods(self):
+        return [(self.model, "forward_intermediates")]
+
+    def size_aware_pool(self, original, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
         model = self.model
-        original = model.pool
-
-        def pool(x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
-            state = self.current_state(x)
-            if state is None or (state.size is None and state.valid is None):
-                return original(x, pool_type)
-            start = 0 if model.pool_include_prefix else state.n_prefix
-            tokens = x[:, start:]
-            size = None if state.size is None else state.size[:, start:]
-            valid = None if state.valid is None else state.valid[:, start:]
-            if model.attn_pool is not None:
-                bias = state.attention_bias(x.dtype)
-                return model.attn_pool(tokens, attn_mask=None if bias is None else bias[..., start:])
-            kind = model.global_pool if pool_type is None else pool_type
-            if kind in ("avg", "avgmax"):
-                mean = size_weighted_mean(tokens, size, valid)
-                if kind == "avg":
-                    return mean
-                return 0.5 * (mean + _masked_max(tokens, valid))
-            if kind == "max":
-                return _masked_max(tokens, valid)
+        state = self.current_state(x)
+        if state is None or (state.size is None and state.valid is None):
             return original(x, pool_type)
-
-        self._patcher.set(model, "pool", pool)
+        start = 0 if model.pool_include_prefix else state.n_prefix
+        tokens = x[:, start:]
+        size = None if state.size is None else state.size[:, start:]
+        valid = None if state.valid is None else state.valid[:, start:]
+        if model.attn_pool is not None:
+            bias = state.attention_bias(x.dtype)
+            return model.attn_pool(tokens, attn_mask=None if bias is None else bias[..., start:])
+        kind = model.global_pool if pool_type is None else pool_type
+        if kind in ("avg", "avgmax"):
+            mean = size_weighted_mean(tokens, size, valid)
+            if kind == "avg":
+                return mean
+            return 0.5 * (mean + _masked_max(tokens, valid))
+        if kind == "max":
+            return _masked_max(tokens, valid)
+        return original(x, pool_type)
 
     def attention_heads(self, block):
         return block.attn.num_heads, block.attn.head_dim

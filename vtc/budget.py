@@ -32,7 +32,9 @@ def constant_total(total: int, num_layers: int) -> list[int]:
 
 def linear_total(total: int, num_layers: int) -> list[int]:
     """More merging early: ``r0 = floor(2R/L)`` decreasing by ``r0/L`` per layer until the sum
-    reaches ``total``, one partial entry, zero padding (dymu.md B.2)."""
+    reaches ``total``, one partial entry, zero padding (dymu.md B.2). When the decreasing values
+    reach 0 before the sum reaches ``total`` (small totals), the rest is that one partial entry,
+    so the tail is not monotone (e.g. ``linear_total(96, 24)`` ends ``1, 1, 1, 4, 0``)."""
     r0 = (2 * total) // num_layers
     step = r0 / num_layers
     out: list[int] = []

@@ -56,7 +56,8 @@ class Pool(EncoderReducer):
                 f"pool: tokens={self.tokens} cannot be laid out as rows x cols within the {rows}x{cols} patch "
                 f"grid; allowed: 1..{rows * cols} with a factor pair that fits"
             )
-        return min(pairs, key=lambda ab: abs(math.log(ab[0] / ab[1]) - math.log(rows / cols)))
+        # closest aspect ratio to the grid's; on a tie, fewer rows
+        return min(pairs, key=lambda ab: (round(abs(math.log(ab[0] / ab[1]) - math.log(rows / cols)), 9), ab[0]))
 
     def plan(self, info: EncoderInfo) -> list[tuple[int, int] | None]:
         check_layers((self.layer,), info.num_layers, self.name)

@@ -53,6 +53,8 @@ def parse_reducer(spec: str | Reducer) -> Reducer:
                 f"{cls.name}: bad option {item!r} in {spec!r}; options are "
                 f"{', '.join(sorted(fields))}, written as option=value"
             )
+        if key in kwargs:
+            raise ValueError(f"{cls.name}: option {key!r} is given twice in {spec!r}")
         kwargs[key] = _value(value)
     return cls(**kwargs)
 

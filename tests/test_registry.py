@@ -1,0 +1,124 @@
+"""Spec strings: parsing, round trip through describe(), and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+import vtc
+from vtc.reducers import REDUCERS, EViT, Pool, RandomDrop, ToMe, parse_reducer, to_spec
+
+
+def test_registry_names():
+    assert sorted(REDUCERS) == ["evit", "pool", "random", "tome"]
+
+
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("tome:r=8", ToMe(r=8)),
+        ("tome", ToMe()),
+        ("ToMe : r = 8 ", ToMe(r=8)),
+        ("tome:r=5;0;0;0", ToMe(r=(5, 0, 0, 0))),
+        ("tome:r=5;", ToMe(r=(5,))),
+        ("tome:r=16,inflect=-1", ToMe(r=16, inflect=-1.0)),
+        ("tome:r=4,schedule=linear,prop_attn=false,clamp=TRUE", ToMe(r=4, schedule="linear", prop_attn=False, clamp=True)),
+        ("evit:keep=0.7,layers=3;6;9", EViT(keep=0.7, layers=(3, 6, 9))),
+        ("evit:keep=0.5,layers=2,fuse=false", EViT(keep=0.5, layers=(2,), fuse=False)),
+        ("evit:tokens=30;20,layers=1;2", EViT(tokens=(30, 20), layers=(1, 2))),
+        ("evit:layers=none", EViT()),
+        ("random:keep=0.5,seed=3", RandomDrop(keep=0.5, seed=3)),
+        ("pool:kernel=2", Pool(kernel=2)),
+        ("pool:tokens=16,layer=1,prop_attn=false", Pool(tokens=16, layer=1, prop_attn=False)),
+    ],
+)
+def test_parse(spec, expected):
+    assert parse_reducer(spec) == expected
+
+
+def test_objects_pass_through():
+    tome = ToMe(r=3)
+    assert parse_reducer(tome) is tome
+
+
+@pytest.mark.parametrize(
+    "reducer",
+    [
+        ToMe(),
+        ToMe(r=13),
+        ToMe(r=(5, 0, 3)),
+        ToMe(r=[1, 2]),
+        ToMe(r=16, inflect=-1.0),
+        ToMe(r=16, inflect=0.5),
+        ToMe(r=3, schedule="reverse-linear", prop_attn=False, clamp=True),
+        EViT(),
+        EViT(keep=0.5, layers=(3,), fuse=False),
+        EViT(keep=1.0),
+        EViT(tokens=50),
+        EViT(layers=(1, 2), tokens=(30, 20)),
+        RandomDrop(keep=0.6, seed=3, layers=(0, 2)),
+        RandomDrop(tokens=10),
+        Pool(kernel=2, layer=1, prop_attn=False),
+        Pool(tokens=16),
+        ToMe(r=(5,)),  # a one-entry list is written "r=5;" (not the constant "r=5")
+        EViT(layers=(2,), tokens=(40,)),
+    ],
+    ids=lambda r: r.describe(),
+)
+def test_describe_round_trip(reducer):
+    assert parse_reducer(reducer.describe()) == reducer
+    assert to_spec(reducer) == reducer.describe()
+
+
+def test_describe_lists_only_non_defaults():
+    assert ToMe(r=8).describe() == "tome:r=8"
+    assert ToMe(r=(8,)).describe() == "tome:r=8;"
+    assert EViT(keep=0.5, layers=(3, 6, 9)).describe() == "evit:keep=0.5,layers=3;6;9"
+    assert Pool(kernel=2).describe() == "pool:kernel=2"
+    assert ToMe().describe() == "tome"
+
+
+def test_unknown_reducer():
+    with pytest.raises(ValueError, match=r"unknown reducer 'fancy' in 'fancy:r=1'; known reducers: evit, pool, random, tome"):
+        parse_reducer("fancy:r=1")
+
+
+def test_unknown_option_names_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"tome: bad option 'k=1' .* options are clamp, inflect, prop_attn, r, schedule"):
+        parse_reducer("tome:k=1")
+    with pytest.raises(ValueError, match=r"evit: bad option 'keep' .*option=value"):
+        parse_reducer("evit:keep")
+
+
+def test_non_string_spec_is_a_type_error():
+    with pytest.raises(TypeError, match="a reducer is a vtc reducer object or a spec string like 'tome:r=8', got int"):
+        parse_reducer(8)
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("tome:r=-2", r"tome: r must be a non-negative integer \(or a list of them\), got -2"),
+        ("tome:r=1.5", r"tome: r must be a non-negative integer"),
+        ("tome:r=3;-1", r"tome: r must be a non-negative integer"),
+        ("tome:schedule=cosine", r"tome: unknown schedule 'cosine'; allowed: constant, linear, reverse-linear"),
+        ("tome:inflect=2", r"tome: inflect must be in \[-1, 1\], got 2"),
+        ("evit:keep=0", r"evit: keep rate must be in \(0, 1\], got 0"),
+        ("evit:keep=1.5", r"evit: keep rate must be in \(0, 1\], got 1.5"),
+        ("evit:keep=-0.2", r"evit: keep rate must be in \(0, 1\], got -0.2"),
+        ("random:keep=2", r"random: keep rate must be in \(0, 1\], got 2"),
+        ("evit:tokens=0", r"evit: tokens must be positive integers, got 0"),
+        ("random:tokens=4;0", r"random: tokens must be positive integers"),
+        ("pool", r"pool: give exactly one of kernel=<patches> or tokens=<count>"),
+        ("pool:kernel=2,tokens=4", r"pool: give exactly one of kernel"),
+        ("pool:kernel=0", r"pool: kernel must be a positive integer, got 0"),
+        ("pool:tokens=-3", r"pool: tokens must be a positive integer, got -3"),
+    ],
+)
+def test_bad_values_are_clear_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_reducer(spec)
+
+
+def test_top_level_exports():
+    assert vtc.parse_reducer is parse_reducer
+    assert vtc.ToMe is ToMe and vtc.EViT is EViT and vtc.RandomDrop is RandomDrop and vtc.Pool is Pool
