@@ -139,8 +139,8 @@ class EncoderAdapter:
         return original(*args, **kwargs)
 
     def remove(self) -> None:
+        """Undo every patch; the last forward's state and counts stay readable."""
         self._patcher.restore()
-        self.state = None
 
     def runtime_grid(self, num_tokens: int) -> tuple[int, int] | None:
         patches = num_tokens - self.info.n_prefix

@@ -27,7 +27,7 @@ class Handle:
 
     @property
     def state(self) -> TokenState | None:
-        """The :class:`TokenState` after the last block of the last forward."""
+        """The :class:`TokenState` after the last block of the last forward (kept after :meth:`remove`)."""
         return self.adapter.state
 
     @property

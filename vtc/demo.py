@@ -1,0 +1,352 @@
+"""The work behind ``vtc demo``: reducers side by side on a timm ViT and an open_clip ViT.
+
+Sample images ship inside scikit-image (nothing is downloaded). Models get random weights unless
+``pretrained`` is asked for, so by default the fidelity columns show the mechanics only. Each
+reducer budget is measured with :func:`vtc.measure.compare` (interleaved timing against an
+unreduced copy); the table goes to the terminal and a CSV, and one merge picture per reducer
+family (first image) is written as PNG.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from tqdm import tqdm
+
+import vtc
+from vtc.measure import Comparison, compare
+from vtc.viz import save_groups
+
+# Colour images bundled inside the scikit-image package (checked to load without pooch/network).
+SAMPLE_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
+                 "retina", "stereo_motorcycle")
+MODELS = ("timm", "open_clip")
+
+# Budgets per model: ViT-S/16 has 197 tokens, ViT-B/32 only 50 (so far smaller ToMe r).
+DEFAULT_SPECS = {
+    "timm": ["tome:r=8", "tome:r=13", "tome:r=16,clamp=true", "evit:keep=0.9", "evit:keep=0.7", "evit:keep=0.5",
+             "random:keep=0.7", "random:keep=0.5", "pool:tokens=100", "pool:kernel=2"],
+    "open_clip": ["tome:r=2", "tome:r=3", "tome:r=4,clamp=true", "evit:keep=0.9", "evit:keep=0.7",
+                  "evit:keep=0.5", "random:keep=0.7", "random:keep=0.5", "pool:tokens=25", "pool:kernel=2"],
+}
+QUICK_SPECS = {
+    "timm": ["tome:r=13", "evit:keep=0.7", "random:keep=0.5", "pool:kernel=2"],
+    "open_clip": ["tome:r=3", "evit:keep=0.7", "random:keep=0.5", "pool:kernel=2"],
+}
+CSV_COLUMNS = ("model", "reducer", "tokens_per_layer", "tokens_out", "gflops", "flops_ratio", "latency_ms",
+               "throughput_img_s", "speedup", "top1_agreement", "kl", "cosine")
+
+
+class DemoError(RuntimeError):
+    """A demo run that cannot go ahead; the message says why and what to do."""
+
+
+@dataclass
+class DemoOptions:
+    out_dir: Path
+    quick: bool = False
+    pretrained: bool = False
+    batch: int = 8
+    repeats: int = 3
+    warmup: int = 1
+    reducers: Sequence[str] | None = None  # replaces the default budgets for every model
+    models: Sequence[str] = MODELS
+    device: str = "cpu"
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Case:
+    """One model of the demo and how to run and judge it."""
+
+    name: str
+    family: str
+    model: nn.Module
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    output: str  # "logits" (top-1 agreement, KL) or "embedding" (cosine)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    specs: list[str]
+
+
+@dataclass
+class Row:
+    model: str
+    reducer: str
+    token_counts: list[int]
+    gflops: float
+    flops_ratio: float
+    latency_ms: float
+    throughput: float
+    speedup: float
+    top1_agreement: float | None
+    kl: float | None
+    cosine: float
+
+    def csv_record(self) -> dict[str, str]:
+        def number(value: float | None, digits: int) -> str:
+            return "" if value is None else f"{value:.{digits}f}"
+
+        return {
+            "model": self.model, "reducer": self.reducer,
+            "tokens_per_layer": ">".join(map(str, self.token_counts)), "tokens_out": str(self.token_counts[-1]),
+            "gflops": number(self.gflops, 4), "flops_ratio": number(self.flops_ratio, 4),
+            "latency_ms": number(self.latency_ms, 2), "throughput_img_s": number(self.throughput, 2),
+            "speedup": number(self.speedup, 3), "top1_agreement": number(self.top1_agreement, 4),
+            "kl": number(self.kl, 6), "cosine": number(self.cosine, 6),
+        }
+
+
+@dataclass
+class DemoResult:
+    rows: list[Row]
+    csv_path: Path
+    pictures: list[Path] = field(default_factory=list)
+
+
+# ----- images --------------------------------------------------------------------------------------
+def _square(image: np.ndarray, size: int) -> np.ndarray:
+    """Resize the shorter side to ``size`` and centre-crop to ``size x size`` (uint8 RGB)."""
+    picture = Image.fromarray(image).convert("RGB")
+    scale = size / min(picture.size)
+    width, height = max(size, round(picture.width * scale)), max(size, round(picture.height * scale))
+    picture = picture.resize((width, height), Image.Resampling.BICUBIC)
+    left, top = (width - size) // 2, (height - size) // 2
+    return np.asarray(picture.crop((left, top, left + size, top + size)))
+
+
+def load_samples(count: int, size: int = 224) -> list[np.ndarray]:
+    """``count`` (size, size, 3) uint8 images from scikit-image's bundled data; beyond the
+    bundled set, mirrored copies are used."""
+    from skimage import data
+
+    if count < 1:
+        raise ValueError(f"need at least one image, got count={count}")
+    base = []
+    for name in SAMPLE_IMAGES:
+        image = getattr(data, name)()
+        base.append(_square(image[0] if isinstance(image, tuple) else image, size))
+    return [base[i % len(base)] if (i // len(base)) % 2 == 0 else base[i % len(base)][:, ::-1].copy()
+            for i in range(count)]
+
+
+def to_batch(images: Sequence[np.ndarray], mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(B, 3, H, W) float tensor normalised with the model's mean/std."""
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+    return (batch - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+# ----- models --------------------------------------------------------------------------------------
+def _pretrained_failure(what: str, error: Exception) -> DemoError:
+    return DemoError(
+        f"could not load pretrained weights for {what}: {type(error).__name__}: {error}\n"
+        f"Weights are fetched from the Hugging Face hub on first use and cached; check the internet "
+        f"connection (or the hub cache), or run without --pretrained to use random weights."
+    )
+
+
+def build_timm(quick: bool, pretrained: bool) -> Case:
+    import timm
+
+    if quick:
+        name, model = "timm vit_tiny_patch16_224 (6 blocks, tiny: --quick)", timm.create_model(
+            "vit_tiny_patch16_224", depth=6)
+    else:
+        name = "timm vit_small_patch16_224"
+        try:
+            model = timm.create_model("vit_small_patch16_224", pretrained=pretrained)
+        except Exception as error:  # hub/network errors come in many types
+            raise _pretrained_failure(name, error) from error
+    cfg = model.pretrained_cfg
+    specs = (QUICK_SPECS if quick else DEFAULT_SPECS)["timm"]
+    return Case(name, "timm", model.eval(), lambda m, x: m(x), "logits",
+                tuple(cfg.get("mean", (0.5,) * 3)), tuple(cfg.get("std", (0.5,) * 3)), list(specs))
+
+
+def build_open_clip(quick: bool, pretrained: bool) -> Case:
+    import open_clip
+
+    if quick:
+        from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+        name = "open_clip ViT (6 blocks, width 192, patch 32, tiny: --quick)"
+        vision = CLIPVisionCfg(layers=6, width=192, head_width=64, patch_size=32, image_size=224)
+        text = CLIPTextCfg(context_length=8, vocab_size=64, width=64, heads=2, layers=1)
+        model = open_clip.CLIP(embed_dim=64, vision_cfg=vision, text_cfg=text)
+    else:
+        tag = "laion2b_s34b_b79k" if pretrained else None
+        name = "open_clip ViT-B-32" + (f" ({tag})" if tag else "")
+        try:
+            model = open_clip.create_model("ViT-B-32", pretrained=tag, require_pretrained=pretrained)
+        except Exception as error:
+            raise _pretrained_failure(name, error) from error
+    visual = model.visual
+    mean = tuple(getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN)
+    std = tuple(getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD)
+    specs = (QUICK_SPECS if quick else DEFAULT_SPECS)["open_clip"]
+    return Case(name, "open_clip", model.eval(), lambda m, x: m.encode_image(x), "embedding", mean, std, list(specs))
+
+
+def build_cases(options: DemoOptions) -> list[Case]:
+    builders = {"timm": build_timm, "open_clip": build_open_clip}
+    unknown = [m for m in options.models if m not in builders]
+    if unknown or not options.models:
+        raise DemoError(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    cases = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        for family in options.models:
+            case = builders[family](options.quick, options.pretrained)
+            try:
+                case.model.to(options.device)
+            except (RuntimeError, AssertionError, ValueError) as error:  # e.g. cuda asked for, not available
+                raise DemoError(f"cannot use device {options.device!r}: {error}") from error
+            if options.reducers:
+                case.specs = list(options.reducers)
+            cases.append(case)
+    return cases
+
+
+def check_specs(cases: Sequence[Case]) -> None:
+    """Fail before any timing if a budget does not fit a model (the library's own message)."""
+    for case in cases:
+        for spec in case.specs:
+            try:
+                vtc.apply(case.model, spec).remove()
+            except (TypeError, ValueError) as error:
+                hint = " (choose budgets per model, or limit the run with --models)" if len(cases) > 1 else ""
+                raise DemoError(f"reducer {spec!r} cannot run on {case.name}: {error}{hint}") from error
+
+
+# ----- measuring -----------------------------------------------------------------------------------
+def _row(case: Case, spec: str, comparison: Comparison) -> Row:
+    fid = comparison.fidelity
+    logits = case.output == "logits"
+    return Row(case.name, spec, comparison.token_counts, comparison.flops / 1e9, comparison.flops_ratio,
+               comparison.latency.median * 1e3, comparison.throughput, comparison.speedup,
+               fid.top1_agreement if logits else None, fid.kl if logits else None, fid.cosine)
+
+
+def _baseline_row(case: Case, comparisons: Sequence[Comparison]) -> Row:
+    first = comparisons[0]
+    samples = [s for c in comparisons for s in c.latency_reference.samples]
+    median = statistics.median(samples)
+    n0 = first.token_counts[0]
+    logits = case.output == "logits"
+    return Row(case.name, "none", [n0] * len(first.token_counts), first.flops_reference / 1e9, 1.0, median * 1e3,
+               first.batch_size / median, 1.0, 1.0 if logits else None, 0.0 if logits else None, 1.0)
+
+
+def compact_counts(counts: Sequence[int], max_runs: int = 5) -> str:
+    """``197x4>139x3>98x3>69x3``: runs of equal counts, middle elided when long."""
+    runs: list[list[int]] = []
+    for count in counts:
+        if runs and runs[-1][0] == count:
+            runs[-1][1] += 1
+        else:
+            runs.append([count, 1])
+    parts = [f"{value}x{times}" if times > 1 else str(value) for value, times in runs]
+    if len(parts) > max_runs:
+        parts = parts[:2] + ["..."] + parts[-1:]
+    return ">".join(parts)
+
+
+def format_table(rows: Sequence[Row], output: str) -> str:
+    """A fixed-width table; fidelity columns depend on the output kind."""
+    fidelity_head = "top1   KL" if output == "logits" else "cosine"
+    lines = [f"{'reducer':<20} {'tokens per layer':<24} {'GFLOPs':>7} {'FLOPs':>6} {'img/s':>7} {'speedup':>7}  {fidelity_head}"]
+    for row in rows:
+        if output == "logits":
+            fid = f"{row.top1_agreement:.2f}  {max(row.kl, 0.0):.4f}"  # KL can round to -0
+        else:
+            fid = f"{row.cosine:.4f}"
+        lines.append(f"{row.reducer:<20} {compact_counts(row.token_counts):<24} {row.gflops:>7.2f} "
+                     f"{row.flops_ratio:>6.2f} {row.throughput:>7.1f} {row.speedup:>6.2f}x  {fid}")
+    return "\n".join(lines)
+
+
+def measure_case(case: Case, batch: torch.Tensor, options: DemoOptions) -> list[Row]:
+    comparisons = []
+    bar = tqdm(case.specs, desc=case.name.split(" (")[0], unit="budget", disable=not options.progress, leave=False)
+    for spec in bar:
+        bar.set_postfix_str(spec)
+        comparisons.append(compare(case.model, spec, batch, warmup=options.warmup, repeats=options.repeats,
+                                   forward=case.forward))
+    bar.close()
+    return [_baseline_row(case, comparisons)] + [_row(case, s, c) for s, c in zip(case.specs, comparisons)]
+
+
+def _family_examples(specs: Sequence[str]) -> dict[str, str]:
+    """One spec per reducer family: the middle budget of that family's list."""
+    by_family: dict[str, list[str]] = {}
+    for spec in specs:
+        by_family.setdefault(vtc.parse_reducer(spec).name, []).append(spec)
+    return {family: group[len(group) // 2] for family, group in by_family.items()}
+
+
+def draw_case(case: Case, image: np.ndarray, batch: torch.Tensor, out_dir: Path) -> list[Path]:
+    """One merge/prune picture per reducer family for the first image."""
+    paths = [out_dir / "input.png"]
+    Image.fromarray(image).save(paths[0], format="PNG")
+    for family, spec in _family_examples(case.specs).items():
+        with vtc.apply(case.model, spec) as handle, torch.inference_mode():
+            case.forward(case.model, batch[:1])
+            state, grid = handle.state, handle.adapter.info.grid
+        paths.append(save_groups(out_dir / f"groups_{family}.png", image, state, grid))
+    return paths
+
+
+def write_csv(rows: Sequence[Row], path: Path) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row.csv_record())
+    return path
+
+
+def run(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoResult:
+    """Build the models, measure every budget, print the tables, write the CSV and pictures."""
+    if options.quick and options.pretrained:
+        raise DemoError("--quick uses tiny models that have no pretrained weights; drop one of --quick/--pretrained")
+    if options.batch < 1 or options.repeats < 1 or options.warmup < 0:
+        raise DemoError("batch and repeats must be >= 1 and warmup >= 0")
+    cases = build_cases(options)
+    check_specs(cases)
+    images = load_samples(options.batch)
+    echo(f"vtc demo: {len(images)} scikit-image sample images at 224x224, batch {len(images)}, "
+         f"{options.repeats} timed repeats (interleaved with the unreduced model), device {options.device}, "
+         f"{torch.get_num_threads()} CPU threads")
+    if options.pretrained:
+        echo("weights: pretrained")
+    else:
+        echo("weights: RANDOM (no --pretrained): fidelity shows the mechanics only, not accuracy on real weights")
+    echo("GFLOPs: analytic, per image, 2 per multiply-add; speedup: against the unreduced model timed in the same "
+         "interleaved loop (the 'none' row's img/s is the median over all those loops)")
+    if options.quick:
+        echo("--quick: tiny models (not the real ViT-S/16 and ViT-B/32), one budget per reducer, timing is rough")
+    options.out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[Row] = []
+    pictures: list[Path] = []
+    for index, case in enumerate(cases):
+        batch = to_batch(images, case.mean, case.std).to(options.device)
+        case_rows = measure_case(case, batch, options)
+        rows += case_rows
+        echo(f"\n{case.name}")
+        echo(format_table(case_rows, case.output))
+        if index == 0:
+            pictures = draw_case(case, images[0], batch, options.out_dir)
+    csv_path = write_csv(rows, options.out_dir / "results.csv")
+    echo(f"\nwrote {csv_path}")
+    for path in pictures:
+        echo(f"wrote {path}")
+    return DemoResult(rows, csv_path, pictures)
