@@ -92,6 +92,8 @@ class EViT(_DropAtLayers):
     every prefix token (not only CLS) is protected (evit.md g.1); ties in attentiveness are broken
     toward the lower index. Kept tokens are ordered by decreasing attentiveness, as in the paper.
     Towers without a CLS token (SigLIP) are refused: EViT is not defined there (evit.md g.9).
+    The fused token's ``size`` is the number of original tokens it absorbed, so on an average-pooled
+    CLS model (not a setting the paper covers) size-weighted pooling weights it by that count.
     """
 
     name: ClassVar[str] = "evit"
