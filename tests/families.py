@@ -3,8 +3,8 @@
 Every model is built from a config, saved, and loaded back through the loading path users run
 (DESIGN.md "Conventions"): HF ``save_pretrained`` (safetensors) then ``from_pretrained``;
 open_clip ``add_model_config`` then ``create_model(name, pretrained=<local .safetensors>)``.
-Nothing is downloaded. Not a test module: the tests run with ``--import-mode=importlib``, so each test module loads
-this file by path (into ``sys.modules["vtc_test_families"]``, shared); a plain import would not find it.
+Nothing is downloaded. Not a test module: test modules ``import families`` (``tests/`` is on
+pytest's ``pythonpath``, set in pyproject.toml).
 """
 
 from __future__ import annotations

@@ -9,29 +9,17 @@ linear + SDPA path, which the counter (with vtc's CPU SDPA mapping) counts.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import families as fam  # tests/ is on pytest's pythonpath (pyproject.toml)
 import vtc
 from vtc.measure import Comparison, Fidelity, analytic_flops, compare, counted_flops, fidelity, latency, time_calls
 
 
-def _families():
-    name = "vtc_test_families"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("families.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fam = _families()
 
 TIMM_KWARGS = dict(img_size=fam.IMAGE, patch_size=fam.PATCH, embed_dim=fam.WIDTH, depth=fam.LAYERS,
                    num_heads=fam.HEADS, num_classes=10)

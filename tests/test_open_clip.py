@@ -6,27 +6,14 @@ attentional pooler (which receives the log(size) key bias)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+import families as fam  # tests/ is on pytest's pythonpath (pyproject.toml)
 import vtc
 
 
-def _families():
-    name = "vtc_test_families"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("families.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-fam = _families()
 FAMILIES = [fam.FAMILIES[name] for name in fam.OPEN_CLIP]
 CASES = [pytest.param(f, spec, id=f"{f.name}-{spec}") for f in FAMILIES for spec in fam.reducers_for(f)]
 
