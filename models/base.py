@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from vtc.models.patching import InstancePatcher
-from vtc.reducers.base import EncoderInfo, EncoderReducer, Signal, Signals
+from vtc.reducers.base import EncoderInfo, EncoderReducer, Reducer, Signal, Signals, Site
 from vtc.state import TokenState
 
 
@@ -25,6 +25,11 @@ class EncoderAdapter:
     """Base of the encoder adapters; subclasses implement the family-specific pieces."""
 
     family: ClassVar[str]
+    sites: ClassVar[tuple[Site, ...]] = (Site.ENCODER,)
+
+    @classmethod
+    def build(cls, model: nn.Module, reducers: dict[Site, Reducer]) -> "EncoderAdapter":
+        return cls(model, reducers.get(Site.ENCODER))
 
     def __init__(self, model: nn.Module, reducer: EncoderReducer | None) -> None:
         self.model = model
@@ -36,7 +41,15 @@ class EncoderAdapter:
         self.plan: list[Any] = reducer.plan(self.info) if reducer else [None] * self.info.num_layers
         self.state: TokenState | None = None
         self.token_counts: list[int] = []
+        self.extra_needs: dict[int, frozenset[Signal]] = {}  # signals another site asks of a block
+        self.signals: dict[int, Signals] = {}  # those signals from the last forward
         self._patcher = InstancePatcher()
+
+    def planned_token_counts(self) -> list[int]:
+        """Tokens entering each block and leaving the last, predicted at the default input size."""
+        if self.reducer is None:
+            return [self.info.num_tokens] * (self.info.num_layers + 1)
+        return self.reducer.token_counts(self.info, self.plan)
 
     # ----- family-specific pieces -------------------------------------------------------------
     @classmethod
@@ -163,11 +176,14 @@ class EncoderAdapter:
         state = self.state.replace(x=x)
         self.token_counts.append(x.shape[1])
         budget = self.plan[index]
-        if budget is None and not state.needs_attention_bias():
+        extra = self.extra_needs.get(index, frozenset())
+        if budget is None and not state.needs_attention_bias() and not extra:
             out = original(x)
         else:
-            needs = self.reducer.needs if budget is not None else frozenset()
+            needs = (self.reducer.needs if budget is not None else frozenset()) | extra
             attn_out, signals = self.attention(block, self.pre_attention_norm(block, x), state.attention_bias(x.dtype), needs)
+            if extra:
+                self.signals[index] = signals
             x = x + self.attention_residual(block, attn_out)
             if budget is not None:
                 state = self.reducer.reduce(state.replace(x=x), signals, budget, index)

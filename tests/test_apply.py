@@ -230,13 +230,13 @@ def test_nonstandard_timm_block_is_a_type_error():
 
 
 class ConnectorOnly(Reducer):
-    site: ClassVar[Site] = Site.CONNECTOR
+    sites: ClassVar[tuple[Site, ...]] = (Site.CONNECTOR,)
     name: ClassVar[str] = "connector-only"
 
 
 def test_reducer_at_a_site_the_model_lacks(timm_vit):
     model = timm_vit("plain")
-    with pytest.raises(ValueError, match="connector-only acts at the connector site, but a timm vision encoder only has the encoder site"):
+    with pytest.raises(ValueError, match="connector-only acts at the connector site, but a timm model only has the encoder site"):
         vtc.apply(model, ConnectorOnly())
     assert "_vtc_handle" not in model.__dict__
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from vtc.models import find_adapter
-from vtc.models.base import EncoderAdapter
-from vtc.reducers.base import EncoderReducer, Reducer, Site
+from vtc.reducers.base import Reducer, Site
 from vtc.reducers.registry import parse_reducer
 from vtc.state import TokenState
 
@@ -19,7 +18,7 @@ class Handle:
     Usable as a context manager: leaving the ``with`` block removes the reducers.
     """
 
-    def __init__(self, model: nn.Module, adapter: EncoderAdapter, reducers: list[Reducer]) -> None:
+    def __init__(self, model: nn.Module, adapter, reducers: list[Reducer]) -> None:
         self.model = model
         self.adapter = adapter
         self.reducers = reducers
@@ -32,15 +31,21 @@ class Handle:
 
     @property
     def token_counts(self) -> list[int]:
-        """Tokens entering each block in the last forward, then the count leaving the last block."""
+        """Tokens entering each vision block in the last forward, then the count leaving the last block."""
         return list(self.adapter.token_counts)
 
     def planned_token_counts(self) -> list[int]:
         """The same counts predicted from the plan at the model's default input size."""
-        reducer = self.adapter.reducer
-        if reducer is None:
-            return [self.adapter.info.num_tokens] * (self.adapter.info.num_layers + 1)
-        return reducer.token_counts(self.adapter.info, self.adapter.plan)
+        return self.adapter.planned_token_counts()
+
+    def __getattr__(self, name: str):
+        # site-specific reports of richer adapters (e.g. ``visual_tokens`` of a LLaVA model)
+        if name.startswith("_") or "adapter" not in self.__dict__:
+            raise AttributeError(name)
+        try:
+            return getattr(self.adapter, name)
+        except AttributeError:
+            raise AttributeError(f"'Handle' of a {self.adapter.family} model has no attribute {name!r}") from None
 
     def remove(self) -> None:
         """Restore the model exactly as it was (idempotent)."""
@@ -63,8 +68,10 @@ class Handle:
 def apply(model: nn.Module, *reducers: Reducer | str) -> Handle:
     """Patch ``model`` (this instance only) with ``reducers`` given as objects or spec strings.
 
-    Raises TypeError for an unsupported model (naming the supported families) and ValueError for
-    a reducer that cannot act on it (wrong site, impossible budget, more than one encoder reducer).
+    Each reducer acts at the site it names (or its preferred site the model has); at most one
+    reducer per site. Raises TypeError for an unsupported model (naming the supported families)
+    and ValueError for a reducer that cannot act on it (no such site, impossible budget, two
+    reducers at one site).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"vtc.apply needs a torch.nn.Module, got {type(model).__name__}")
@@ -73,17 +80,16 @@ def apply(model: nn.Module, *reducers: Reducer | str) -> Handle:
         raise ValueError("this model already has vtc reducers applied; call handle.remove() first")
     parsed = [parse_reducer(r) for r in reducers]
     adapter_cls = find_adapter(model)
+    by_site: dict[Site, Reducer] = {}
     for reducer in parsed:
-        if reducer.site is not Site.ENCODER:
+        site = reducer.resolve_site(adapter_cls.sites, adapter_cls.family)
+        if site in by_site:
             raise ValueError(
-                f"{reducer.name} acts at the {reducer.site.value} site, but a {adapter_cls.family} vision "
-                f"encoder only has the encoder site"
+                f"one {site.value} reducer per model, got {by_site[site].name}, {reducer.name}; reducers compose "
+                f"across sites, not within one"
             )
-    if len(parsed) > 1:
-        names = ", ".join(r.name for r in parsed)
-        raise ValueError(f"one encoder reducer per model, got {names}; reducers compose across sites, not within one")
-    encoder: EncoderReducer | None = parsed[0] if parsed else None
-    adapter = adapter_cls(model, encoder)
+        by_site[site] = reducer
+    adapter = adapter_cls.build(model, by_site)
     adapter.install()
     handle = Handle(model, adapter, parsed)
     model.__dict__[_HANDLE_ATTR] = handle

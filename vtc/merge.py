@@ -116,6 +116,31 @@ def keep_tokens(
     return state.replace(x=x, size=size, origin=remap_origin(state.origin, dest), valid=valid, grid=None)
 
 
+def keep_top(state: TokenState, score: torch.Tensor, counts: torch.Tensor) -> TokenState:
+    """Keep the prefix and, in row ``b``, the ``counts[b]`` highest-scoring non-prefix tokens,
+    in their current order. Rows keeping fewer tokens are padded: ``valid`` marks the real ones.
+    Ties go to the lower index."""
+    batch, n = score.shape
+    p, device = state.n_prefix, score.device
+    if bool((counts > n - p).any()) or bool((counts < 0).any()):
+        raise ValueError(f"keep_top: counts {counts.tolist()} outside 0..{n - p} non-prefix tokens")
+    score = score.float()
+    if state.valid is not None:
+        score = score.masked_fill(~state.valid, float("-inf"))
+    width = int(counts.max()) if batch else 0
+    ranked = score[:, p:].argsort(dim=1, descending=True, stable=True)[:, :width] + p
+    chosen = torch.arange(width, device=device) < counts[:, None]
+    ranked, order = torch.where(chosen, ranked, ranked + n).sort(dim=1)  # chosen first, in sequence order
+    chosen = chosen.gather(1, order)
+    kept = keep_tokens(state, ranked % n)
+    real = torch.cat([torch.ones(batch, p, dtype=torch.bool, device=device), chosen], dim=1)
+    if kept.valid is not None:
+        real = real & kept.valid
+    slot_real = real.gather(1, kept.origin.clamp_min(0))
+    origin = torch.where((kept.origin >= 0) & slot_real, kept.origin, torch.full_like(kept.origin, -1))
+    return kept.replace(valid=None if bool(real.all()) else real, origin=origin)
+
+
 def size_weighted_mean(x: torch.Tensor, size: torch.Tensor | None, valid: torch.Tensor | None) -> torch.Tensor:
     """Mean over tokens weighted by how many original tokens each stands for (tome.md "Final pooling")."""
     if size is None and valid is None:

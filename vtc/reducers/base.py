@@ -1,9 +1,18 @@
 """The reducer interface (DESIGN.md "Where a reducer acts", "Signals without giving up fast attention").
 
-A reducer knows tensors and :class:`~vtc.state.TokenState`, never a model class. An adapter
-calls it through three methods: :meth:`EncoderReducer.plan` once when it is applied (one budget
-per layer, validated against the model's token counts), then, in each block that has a budget,
-:meth:`EncoderReducer.reduce` between the attention and the MLP with the signals it declared.
+A reducer knows tensors and :class:`~vtc.state.TokenState`, never a model class. There is one
+interface per site:
+
+- :class:`EncoderReducer`: :meth:`~EncoderReducer.plan` once when applied (one budget per layer,
+  validated against the model's token counts), then :meth:`~EncoderReducer.reduce` between the
+  attention and the MLP of each block that has a budget, with the signals it declared;
+- :class:`ConnectorReducer`: :meth:`~ConnectorReducer.target` says how many visual tokens an image
+  keeps, :meth:`~ConnectorReducer.reduce_visual` reduces a padded batch of per-image sequences;
+- :class:`DecoderReducer`: after chosen LLM layers, :meth:`~DecoderReducer.select` says which
+  tokens later layers keep.
+
+A reducer that can act at several sites lists them in ``sites`` (preferred first) and may let the
+user pick one with a ``site`` option; :meth:`Reducer.resolve_site` makes the choice per model.
 """
 
 from __future__ import annotations
@@ -49,8 +58,23 @@ class Signals:
 class Reducer:
     """Base of every reducer. Subclasses are dataclasses whose fields are the spec-string options."""
 
-    site: ClassVar[Site]
+    sites: ClassVar[tuple[Site, ...]]
     name: ClassVar[str]
+
+    def resolve_site(self, available: tuple[Site, ...], family: str) -> Site:
+        """The site this reducer acts at on a model offering ``available`` sites: an explicit
+        ``site`` option if the reducer has one, else its first listed site the model has."""
+        chosen = getattr(self, "site", None)
+        wanted = (Site(chosen),) if chosen is not None else self.sites
+        for site in wanted:
+            if site in available:
+                return site
+        where = " or ".join(f"the {s.value}" for s in wanted)
+        offered = ", ".join(s.value for s in available)
+        raise ValueError(
+            f"{self.name} acts at {where} site, but a {family} model only has the {offered} site"
+            f"{'s' if len(available) > 1 else ''}"
+        )
 
     def describe(self) -> str:
         """The spec string that rebuilds this reducer."""
@@ -62,7 +86,7 @@ class Reducer:
 class EncoderReducer(Reducer):
     """A reducer acting inside vision-transformer blocks, after attention and before the MLP."""
 
-    site: ClassVar[Site] = Site.ENCODER
+    sites: ClassVar[tuple[Site, ...]] = (Site.ENCODER,)
     needs: ClassVar[frozenset[Signal]] = frozenset()
 
     def plan(self, info: EncoderInfo) -> list[Any]:
@@ -84,6 +108,72 @@ class EncoderReducer(Reducer):
             n = counts[-1]
             counts.append(n if budget is None else self.tokens_after(n, info.n_prefix, budget))
         return counts
+
+
+@dataclass(frozen=True)
+class ConnectorInfo:
+    """What a connector reducer may know about the visual sequence of one image."""
+
+    family: str
+    num_tokens: int  # reducible visual tokens per image at the model's default input size
+    n_prefix: int  # leading tokens kept as they are (the CLS token under the "full" strategy)
+    grid: tuple[int, int] | None  # patch grid of those tokens while still in raster order
+
+
+class ConnectorReducer(Reducer):
+    """A reducer on the per-image visual sequence between the vision tower and the LLM.
+
+    ``before_projector`` says whether it sees vision-tower features (True) or projected ones.
+    Signals in ``connector_needs`` are computed at the vision feature layer.
+    """
+
+    connector_needs: ClassVar[frozenset[Signal]] = frozenset()
+    before_projector: ClassVar[bool] = True
+
+    def check_connector(self, info: ConnectorInfo) -> None:
+        """Raise ValueError when the reducer cannot act on this model's visual sequence."""
+        self.target(info.num_tokens)
+
+    def target(self, num_tokens: int) -> int:
+        """Visual tokens kept (prefix excluded) for an image offering ``num_tokens``; ValueError
+        when the budget asks for more than there are."""
+        raise NotImplementedError
+
+    def reduce_visual(self, state: TokenState, signals: Signals, targets: torch.Tensor) -> TokenState:
+        """Reduce a (B, N, C) batch of per-image sequences (padded where ``state.valid`` says) so
+        row ``b`` keeps ``targets[b]`` non-prefix tokens; ragged results come back padded, with
+        ``valid`` marking the real tokens."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class DecoderInfo:
+    """What a decoder reducer may know about the LLM it acts in."""
+
+    family: str
+    num_layers: int
+    hidden_size: int
+
+
+class DecoderReducer(Reducer):
+    """A reducer inside the LLM: after each of :meth:`layers`, :meth:`select` marks the tokens
+    later layers keep. ``mode`` "drop" removes the others from the sequence (and the KV cache of
+    later layers); "mask" keeps them in the sequence but hides them from every other query."""
+
+    sites: ClassVar[tuple[Site, ...]] = (Site.DECODER,)
+
+    def layers(self, info: DecoderInfo) -> tuple[int, ...]:
+        """LLM layers (0-based) after whose output :meth:`select` runs; ValueError when invalid."""
+        raise NotImplementedError
+
+    def removal(self) -> str:
+        """How unselected tokens are removed: "drop" or "mask"."""
+        return "drop"
+
+    def select(self, layer: int, hidden: torch.Tensor, visual: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, S) bool of the tokens layers after ``layer`` keep. ``hidden`` (B, S, D) is the
+        layer's output, ``visual`` (B, S) marks image tokens, ``valid`` (B, S) real tokens."""
+        raise NotImplementedError
 
 
 def check_layers(layers: tuple[int, ...], num_layers: int, what: str) -> None:

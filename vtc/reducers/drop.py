@@ -13,8 +13,9 @@ from typing import ClassVar
 import torch
 
 from vtc.budget import default_drop_layers
-from vtc.merge import keep_tokens
-from vtc.reducers.base import EncoderInfo, EncoderReducer, Signal, Signals, check_layers
+from vtc.merge import keep_tokens, keep_top
+from vtc.reducers.base import ConnectorReducer, EncoderInfo, EncoderReducer, Signal, Signals, Site, check_layers
+from vtc.reducers.pool import check_site
 from vtc.state import TokenState
 
 
@@ -123,16 +124,45 @@ class EViT(_DropAtLayers):
 
 
 @dataclass
-class RandomDrop(_DropAtLayers):
-    """Random pruning baseline: keep a random subset of the non-prefix tokens at each drop layer.
+class RandomDrop(_DropAtLayers, ConnectorReducer):
+    """Random pruning baseline: keep a random subset of the non-prefix tokens.
 
-    The choice is drawn from ``seed`` and the layer index and is the same for every image of a
-    batch, so a batch gives the same result as single runs; change ``seed`` to resample. Kept
-    tokens stay in their current order. Defaults mirror EViT's (keep 0.7 at L/4, L/2, 3L/4).
+    At the encoder site (the only one of a vision encoder, or ``site=encoder``) it drops at each
+    drop layer; defaults mirror EViT's (keep 0.7 at L/4, L/2, 3L/4). The choice is drawn from
+    ``seed`` and the layer index and is the same for every image of a batch.
+
+    At the connector (the default on a vision-language model) each image keeps ``tokens`` (or
+    ``ceil(keep * N)``) of its visual tokens before the projector: every token position gets a
+    priority drawn from ``seed``, the same for every image, and the highest ones are kept, so an
+    image keeps the same tokens alone or in a batch. Kept tokens stay in their current order.
     """
 
     name: ClassVar[str] = "random"
+    sites: ClassVar[tuple[Site, ...]] = (Site.CONNECTOR, Site.ENCODER)
     seed: int = 0
+    site: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_site(self, "layers" if self.layers is not None else None)
+
+    def check_connector(self, info) -> None:
+        check_site(self, "layers" if self.layers is not None else None, at_connector=True)
+        if isinstance(self.tokens, tuple):
+            raise ValueError(f"random: one token count per image at the connector, got {self.tokens!r}")
+        self.target(info.num_tokens)
+
+    def target(self, num_tokens: int) -> int:
+        if self.tokens is None:
+            return math.ceil(self.keep * num_tokens)
+        if self.tokens > num_tokens:
+            raise ValueError(f"random: tokens={self.tokens} is more than the {num_tokens} visual tokens of an image")
+        return self.tokens
+
+    def reduce_visual(self, state: TokenState, signals: Signals, targets: torch.Tensor) -> TokenState:
+        n = state.x.shape[1]
+        priority = torch.rand(n, generator=torch.Generator().manual_seed(self.seed)).to(state.x.device)
+        return keep_top(state, priority.expand(state.x.shape[0], n), targets)
 
     def reduce(self, state: TokenState, signals: Signals, budget: int, layer: int) -> TokenState:
         p, (batch, n) = state.n_prefix, state.x.shape[:2]

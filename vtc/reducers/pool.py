@@ -1,8 +1,11 @@
-"""Spatial average pooling of the patch grid at one layer: the pooling baseline.
+"""Spatial average pooling of the patch grid: the pooling baseline, at the encoder or the connector.
 
 Patches are partitioned into an ``rows x cols`` grid of cells and each cell becomes one token, its
 size-weighted average (the shared merge), so sizes, origin and proportional attention work as for
 ToMe. Prefix tokens are kept. Needs the patch tokens in raster order (no earlier reduction).
+
+On a vision-language model it acts at the connector by default (2-D average pooling of each
+image's feature grid before the projector, as in M3); ``site=encoder`` pools inside the tower.
 """
 
 from __future__ import annotations
@@ -14,28 +17,44 @@ from typing import ClassVar
 import torch
 
 from vtc.merge import merge_tokens
-from vtc.reducers.base import EncoderInfo, EncoderReducer, Signals, check_layers
+from vtc.reducers.base import ConnectorInfo, ConnectorReducer, EncoderInfo, EncoderReducer, Signals, Site, check_layers
 from vtc.state import TokenState
 
 
+def _factor_grids(tokens: int, grid: tuple[int, int], exact: bool) -> list[tuple[int, int]]:
+    """Cell grids (a, b) fitting ``grid`` with a*b == tokens (or, not exact, the largest a*b <= tokens)."""
+    rows, cols = grid
+    pairs = [(a, min(cols, tokens // a)) for a in range(1, min(rows, tokens) + 1)]
+    pairs = [(a, b) for a, b in pairs if b >= 1 and (a * b == tokens or not exact)]
+    best = max((a * b for a, b in pairs), default=0)
+    return [(a, b) for a, b in pairs if a * b == best]
+
+
 @dataclass
-class Pool(EncoderReducer):
-    """Average-pool the patch grid after the attention of block ``layer``.
+class Pool(EncoderReducer, ConnectorReducer):
+    """Average-pool the patch grid (pool.py docstring).
 
     Args:
         kernel: square window in patches (last row/column cells may be smaller).
         tokens: target patch-token count instead; it must factor as rows x cols fitting the grid
             (the factor pair closest to the grid's aspect ratio is used) and cells are balanced.
-        layer: the block after whose attention pooling happens.
-        prop_attn: add ``log(size)`` to later attention logits (cells of unequal size).
+        layer: encoder site only: the block after whose attention pooling happens (default 0).
+        prop_attn: encoder site only: add ``log(size)`` to later attention logits.
+        site: "connector" or "encoder"; default: the connector where the model has one.
+
+    At the connector of LLaVA-NeXT an image's token budget is split between its base view and
+    its high-resolution map (see ``vtc.models.llava``); a view's share that does not factor into
+    a fitting grid is pooled to the largest grid with at most that many cells.
     """
 
     name: ClassVar[str] = "pool"
+    sites: ClassVar[tuple[Site, ...]] = (Site.CONNECTOR, Site.ENCODER)
 
     kernel: int | None = None
     tokens: int | None = None
-    layer: int = 0
+    layer: int | None = None
     prop_attn: bool = True
+    site: str | None = None
 
     def __post_init__(self) -> None:
         if (self.kernel is None) == (self.tokens is None):
@@ -44,26 +63,29 @@ class Pool(EncoderReducer):
             value = getattr(self, field)
             if value is not None and (int(value) != value or value < 1):
                 raise ValueError(f"pool: {field} must be a positive integer, got {value!r}")
+        check_site(self, "layer" if self.layer is not None else None)
 
-    def output_grid(self, grid: tuple[int, int]) -> tuple[int, int]:
+    def output_grid(self, grid: tuple[int, int], tokens: int | None = None, exact: bool = True) -> tuple[int, int]:
+        """The cell grid for ``grid``: from ``kernel``, or for ``tokens`` cells (default: the option)."""
         rows, cols = grid
         if self.kernel is not None:
             return math.ceil(rows / self.kernel), math.ceil(cols / self.kernel)
-        pairs = [(a, self.tokens // a) for a in range(1, self.tokens + 1) if self.tokens % a == 0]
-        pairs = [(a, b) for a, b in pairs if a <= rows and b <= cols]
+        tokens = self.tokens if tokens is None else tokens
+        pairs = _factor_grids(tokens, grid, exact)
         if not pairs:
             raise ValueError(
-                f"pool: tokens={self.tokens} cannot be laid out as rows x cols within the {rows}x{cols} patch "
+                f"pool: tokens={tokens} cannot be laid out as rows x cols within the {rows}x{cols} patch "
                 f"grid; allowed: 1..{rows * cols} with a factor pair that fits"
             )
         # closest aspect ratio to the grid's; on a tie, fewer rows
         return min(pairs, key=lambda ab: (round(abs(math.log(ab[0] / ab[1]) - math.log(rows / cols)), 9), ab[0]))
 
     def plan(self, info: EncoderInfo) -> list[tuple[int, int] | None]:
-        check_layers((self.layer,), info.num_layers, self.name)
+        layer = self.layer or 0
+        check_layers((layer,), info.num_layers, self.name)
         plan: list[tuple[int, int] | None] = [None] * info.num_layers
         out_grid = self.output_grid(info.grid)
-        plan[self.layer] = out_grid if out_grid != info.grid else None  # a 1x1 window changes nothing
+        plan[layer] = out_grid if out_grid != info.grid else None  # a 1x1 window changes nothing
         return plan
 
     def tokens_after(self, num_tokens: int, n_prefix: int, budget: tuple[int, int]) -> int:
@@ -72,8 +94,38 @@ class Pool(EncoderReducer):
     def reduce(self, state: TokenState, signals: Signals, budget: tuple[int, int], layer: int) -> TokenState:
         if state.grid is None:
             raise ValueError("pool: the patch tokens are no longer in raster order at this layer")
+        return self._pool(state, self.output_grid(state.grid), self.prop_attn)
+
+    # ----- connector site -----------------------------------------------------------------------
+    def check_connector(self, info: ConnectorInfo) -> None:
+        check_site(self, "layer" if self.layer is not None else None, at_connector=True)
+        if info.grid is None:
+            raise ValueError("pool: the connector needs the visual tokens on their patch grid; an encoder reducer "
+                             "before it has already reordered them")
+        self.target(info.num_tokens)
+        self.output_grid(info.grid)
+
+    def target(self, num_tokens: int) -> int:
+        if self.tokens is not None and self.tokens > num_tokens:
+            raise ValueError(f"pool: tokens={self.tokens} is more than the {num_tokens} visual tokens of an image")
+        side = math.isqrt(num_tokens)
+        return self.tokens if self.tokens is not None else math.prod(self.output_grid((side, side)))
+
+    def reduce_visual(self, state: TokenState, signals: Signals, targets: torch.Tensor) -> TokenState:
+        if state.grid is None or state.valid is not None:
+            raise ValueError("pool: the visual tokens are no longer on their patch grid (an encoder reducer ran first)")
+        if bool((targets != targets[0]).any()):
+            raise ValueError(f"pool: one grid per batch; got per-image targets {targets.tolist()}")
+        wanted = int(targets[0])
+        if self.kernel is not None:
+            out_grid = self.output_grid(state.grid)
+        else:
+            out_grid = self.output_grid(state.grid, wanted, exact=wanted == self.tokens)
+        return self._pool(state, out_grid, prop_attn=False)
+
+    def _pool(self, state: TokenState, out_grid: tuple[int, int], prop_attn: bool) -> TokenState:
         (rows, cols), p = state.grid, state.n_prefix
-        out_rows, out_cols = self.output_grid(state.grid)
+        out_rows, out_cols = out_grid
         device = state.x.device
         if self.kernel is not None:
             cell_row = torch.arange(rows, device=device) // self.kernel
@@ -83,5 +135,18 @@ class Pool(EncoderReducer):
             cell_col = torch.arange(cols, device=device) * out_cols // cols
         cells = (cell_row[:, None] * out_cols + cell_col[None, :]).flatten() + p
         dest = torch.cat([torch.arange(p, device=device), cells]).expand(state.x.shape[0], -1)
-        merged = merge_tokens(state, dest, p + out_rows * out_cols, self.prop_attn)
+        merged = merge_tokens(state, dest, p + out_rows * out_cols, prop_attn)
         return merged.replace(grid=(out_rows, out_cols))
+
+
+def check_site(reducer, encoder_option: str | None, at_connector: bool = False) -> None:
+    """Validate a dual-site reducer's ``site`` option; an encoder-only option given (``encoder_option``)
+    is refused where the reducer acts at the connector."""
+    allowed = [s.value for s in reducer.sites]
+    if reducer.site is not None and reducer.site not in allowed:
+        raise ValueError(f"{reducer.name}: site must be one of {', '.join(allowed)}, got {reducer.site!r}")
+    if encoder_option is not None and (at_connector or reducer.site == Site.CONNECTOR.value):
+        raise ValueError(
+            f"{reducer.name}: {encoder_option} is an encoder-site option, but this reducer acts at the connector; "
+            f"add site=encoder to reduce inside the vision tower"
+        )
