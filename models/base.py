@@ -28,7 +28,9 @@ class EncoderAdapter:
     sites: ClassVar[tuple[Site, ...]] = (Site.ENCODER,)
 
     @classmethod
-    def build(cls, model: nn.Module, reducers: dict[Site, Reducer]) -> "EncoderAdapter":
+    def build(cls, model: nn.Module, reducers: dict[Site, Reducer], **options) -> "EncoderAdapter":
+        if options:
+            raise TypeError(f"a {cls.family} vision encoder takes no adapter options, got {', '.join(options)}")
         return cls(model, reducers.get(Site.ENCODER))
 
     def __init__(self, model: nn.Module, reducer: EncoderReducer | None) -> None:

@@ -8,9 +8,11 @@
 """
 
 from vtc.apply import Handle, apply
-from vtc.reducers import EViT, Pool, RandomDrop, ToMe, parse_reducer
+from vtc.reducers import EViT, Pool, RandomDrop, ToMe, VisualExit, parse_reducer
 from vtc.state import TokenState
 
 __version__ = "0.1.0"
 
-__all__ = ["EViT", "Handle", "Pool", "RandomDrop", "ToMe", "TokenState", "apply", "parse_reducer", "__version__"]
+__all__ = [
+    "EViT", "Handle", "Pool", "RandomDrop", "ToMe", "TokenState", "VisualExit", "apply", "parse_reducer", "__version__",
+]

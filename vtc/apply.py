@@ -65,8 +65,10 @@ class Handle:
         return f"<vtc.Handle {self.adapter.family}: {names}{'' if self.active else ' (removed)'}>"
 
 
-def apply(model: nn.Module, *reducers: Reducer | str) -> Handle:
+def apply(model: nn.Module, *reducers: Reducer | str, **options) -> Handle:
     """Patch ``model`` (this instance only) with ``reducers`` given as objects or spec strings.
+
+    ``options`` go to the model's adapter (a LLaVA takes ``positions="contiguous"|"original"``).
 
     Each reducer acts at the site it names (or its preferred site the model has); at most one
     reducer per site. Raises TypeError for an unsupported model (naming the supported families)
@@ -89,7 +91,7 @@ def apply(model: nn.Module, *reducers: Reducer | str) -> Handle:
                 f"across sites, not within one"
             )
         by_site[site] = reducer
-    adapter = adapter_cls.build(model, by_site)
+    adapter = adapter_cls.build(model, by_site, **options)
     adapter.install()
     handle = Handle(model, adapter, parsed)
     model.__dict__[_HANDLE_ATTR] = handle

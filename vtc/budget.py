@@ -81,3 +81,19 @@ def per_layer(
 def default_drop_layers(num_layers: int) -> tuple[int, ...]:
     """EViT's drop locations (3, 6, 9) for 12 blocks, scaled to other depths as L/4, L/2, 3L/4."""
     return tuple(sorted({max(0, math.floor(num_layers * f)) for f in (0.25, 0.5, 0.75)}))
+
+
+def split_total(total: int, counts: Sequence[int]) -> list[int]:
+    """Share ``total`` tokens among parts holding ``counts`` tokens, in proportion to their size
+    (largest remainder; ties to the earlier part), never giving a part more than it holds."""
+    available = sum(counts)
+    if not 0 <= total <= available:
+        raise ValueError(f"cannot keep {total} of {available} tokens")
+    if available == 0:
+        return [0] * len(counts)
+    exact = [total * c / available for c in counts]
+    shares = [math.floor(e) for e in exact]
+    order = sorted(range(len(counts)), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in order[: total - sum(shares)]:
+        shares[i] += 1
+    return shares

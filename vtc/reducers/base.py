@@ -115,7 +115,7 @@ class ConnectorInfo:
     """What a connector reducer may know about the visual sequence of one image."""
 
     family: str
-    num_tokens: int  # reducible visual tokens per image at the model's default input size
+    num_tokens: int | None  # reducible visual tokens per image (None: they vary per image, checked at run time)
     n_prefix: int  # leading tokens kept as they are (the CLS token under the "full" strategy)
     grid: tuple[int, int] | None  # patch grid of those tokens while still in raster order
 
@@ -132,7 +132,8 @@ class ConnectorReducer(Reducer):
 
     def check_connector(self, info: ConnectorInfo) -> None:
         """Raise ValueError when the reducer cannot act on this model's visual sequence."""
-        self.target(info.num_tokens)
+        if info.num_tokens is not None:
+            self.target(info.num_tokens)
 
     def target(self, num_tokens: int) -> int:
         """Visual tokens kept (prefix excluded) for an image offering ``num_tokens``; ValueError

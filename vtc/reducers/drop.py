@@ -150,7 +150,8 @@ class RandomDrop(_DropAtLayers, ConnectorReducer):
         check_site(self, "layers" if self.layers is not None else None, at_connector=True)
         if isinstance(self.tokens, tuple):
             raise ValueError(f"random: one token count per image at the connector, got {self.tokens!r}")
-        self.target(info.num_tokens)
+        if info.num_tokens is not None:
+            self.target(info.num_tokens)
 
     def target(self, num_tokens: int) -> int:
         if self.tokens is None:

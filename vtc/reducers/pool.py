@@ -102,8 +102,9 @@ class Pool(EncoderReducer, ConnectorReducer):
         if info.grid is None:
             raise ValueError("pool: the connector needs the visual tokens on their patch grid; an encoder reducer "
                              "before it has already reordered them")
-        self.target(info.num_tokens)
-        self.output_grid(info.grid)
+        if info.num_tokens is not None:
+            self.target(info.num_tokens)
+            self.output_grid(info.grid)
 
     def target(self, num_tokens: int) -> int:
         if self.tokens is not None and self.tokens > num_tokens:

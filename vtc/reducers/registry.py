@@ -11,10 +11,11 @@ from typing import Any
 
 from vtc.reducers.base import Reducer
 from vtc.reducers.drop import EViT, RandomDrop
+from vtc.reducers.exit import VisualExit
 from vtc.reducers.pool import Pool
 from vtc.reducers.tome import ToMe
 
-REDUCERS: dict[str, type[Reducer]] = {cls.name: cls for cls in (ToMe, EViT, RandomDrop, Pool)}
+REDUCERS: dict[str, type[Reducer]] = {cls.name: cls for cls in (ToMe, EViT, RandomDrop, Pool, VisualExit)}
 
 
 def _value(text: str) -> Any:

@@ -1,0 +1,280 @@
+"""The visual half of a LLaVA under vtc: tower (encoder site) -> per-image sequence (connector site).
+
+Returns, per image, the features that enter the LLM and, for each, its *anchor*: the index among
+that image's placeholders of the first patch it stands for. Kept tokens enter the LLM in anchor
+order (raster order of their first patch), whatever order a reducer left them in.
+
+LLaVA-1.5: every image is one view, its patch grid (plus the CLS token under the "full" strategy).
+
+LLaVA-NeXT AnyRes (``shared/specs/hf-llava.md``): the tower reduces every tile on its own
+(encoder site); the reduced tokens are then laid out on each tile's patch grid and packed with
+HF's layout (base view, then the unpadded high-resolution map). A token covering several
+positions appears once, at its first position; a map row left with no token loses its newline.
+Connector reducers act per image *after* packing, on its two views: the base view and the
+unpadded high-resolution map, each on its own grid. An image's budget (the reducer's ``target``
+of all its visual tokens, newlines excluded) is split between the two views in proportion to
+their token counts; ``image_newline`` then follows every remaining row of the map. Without
+reducers the result equals HF's ``get_image_features`` exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vtc.budget import split_total
+from vtc.models.anyres import AnyResLayout, anyres_layout
+from vtc.models.hf_vision import HFVisionAdapter
+from vtc.reducers.base import ConnectorReducer, EncoderReducer, Signal, Signals
+from vtc.state import TokenState
+
+
+class LlavaTowerAdapter(HFVisionAdapter):
+    """A LLaVA's CLIP/SigLIP tower, run only up to its deepest vision feature layer."""
+
+    family = "llava tower"
+
+    def __init__(self, tower: nn.Module, reducer: EncoderReducer | None, num_run: int) -> None:
+        self.num_run = num_run
+        super().__init__(tower, reducer)
+
+    def find_blocks(self):
+        return list(self.vision.encoder.layers)[: self.num_run]
+
+    def patch_pooling(self) -> None:
+        """LLaVA reads hidden states, never the tower's pooling head."""
+
+    def encode(self, pixel_values: torch.Tensor, layers: list[int]) -> tuple[TokenState, list[torch.Tensor]]:
+        """Run the tower; the state after the last run block and the hidden states ``layers``
+        (HF ``hidden_states`` indices, non-negative) in the given order."""
+        dtype = self.vision.embeddings.patch_embedding.weight.dtype
+        h = self.vision.embeddings(pixel_values.to(dtype))
+        pre_norm = getattr(self.vision, "pre_layrnorm", None)
+        if pre_norm is not None:
+            h = pre_norm(h)
+        hidden = {0: h}
+        self.state, self.signals = None, {}
+        for index, block in enumerate(self.blocks):
+            h = block(h, None)
+            hidden[index + 1] = h
+        state = self.state if self.state is not None else TokenState.start(h, self.info.n_prefix, self.info.grid)
+        return state.replace(x=h), [hidden[layer] for layer in layers]
+
+
+@dataclass(frozen=True)
+class VisualTokens:
+    """What the LLM receives for a batch of images."""
+
+    features: list[torch.Tensor]  # (K_i, D) per image, LLM width
+    anchors: list[torch.Tensor]  # (K_i,) index of each token's first placeholder
+    placeholders: list[int]  # placeholders the processor wrote per image (the unreduced count)
+
+
+def anchors_of(origin: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(B, N) for every token the first slot (column of ``origin`` (B, S)) it covers; S if none."""
+    batch, slots = origin.shape
+    position = torch.arange(slots, device=origin.device).expand(batch, slots)
+    position = torch.where(origin >= 0, position, slots)
+    first = torch.full((batch, num_tokens), slots, dtype=torch.long, device=origin.device)
+    return first.scatter_reduce(1, origin.clamp_min(0), position, "amin")
+
+
+def drop_leading(state: TokenState, count: int, n_prefix: int) -> TokenState:
+    """The state without its first ``count`` tokens and slots (the CLS token under "default")."""
+    if count == 0:
+        return state.replace(n_prefix=n_prefix)
+    origin = state.origin[:, count:]
+    origin = torch.where(origin >= count, origin - count, torch.full_like(origin, -1))
+    return state.replace(
+        x=state.x[:, count:],
+        size=None if state.size is None else state.size[:, count:],
+        valid=None if state.valid is None else state.valid[:, count:],
+        origin=origin,
+        n_prefix=n_prefix,
+    )
+
+
+def view_from_tiles(tiles: TokenState, slots: torch.Tensor, grid: tuple[int, int]) -> tuple[TokenState, torch.Tensor]:
+    """One image view gathered from reduced tiles: ``slots`` (S,) are flat ``tile * P + patch``
+    positions (P patches per tile); each token covering any of them appears once, tokens ordered
+    by their first slot. The view keeps ``grid`` only while every slot has its own token.
+    Also returns each view token's flat ``tile * N + token`` index into the tiles."""
+    n_tiles, per_tile = tiles.origin.shape
+    token = tiles.origin.reshape(-1)[slots]
+    tile = slots // per_tile
+    width = tiles.x.shape[1]
+    key = torch.where(token >= 0, tile * width + token, torch.full_like(token, -1))
+    present = key >= 0
+    unique, inverse = torch.unique(key[present], return_inverse=True)
+    first = anchors_of(torch.full_like(key, -1).masked_scatter(present, inverse)[None], unique.numel())[0]
+    order = first.argsort()
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    origin = torch.full_like(key, -1)
+    origin[present] = rank[inverse]
+    chosen = unique[order]
+    x = tiles.x.reshape(n_tiles * width, -1)[chosen][None]
+    size = None if tiles.size is None else tiles.size.reshape(-1)[chosen][None]
+    full = chosen.numel() == slots.numel()
+    view = TokenState(x=x, size=size, origin=origin[None], valid=None, n_prefix=0, grid=grid if full else None)
+    return view, chosen
+
+
+class VisualPipeline:
+    """Tower, feature selection, connector reducer and projector of one LLaVA model."""
+
+    def __init__(self, inner: nn.Module, config, tower: LlavaTowerAdapter, feature_layers: list[int],
+                 connector: ConnectorReducer | None, is_next: bool) -> None:
+        self.inner, self.config, self.tower = inner, config, tower
+        self.feature_layers, self.connector, self.is_next = feature_layers, connector, is_next
+        self.strategy = config.vision_feature_select_strategy
+        has_cls = tower.info.has_cls
+        self.drop = 1 if self.strategy == "default" else 0  # HF drops index 0, CLS or not
+        self.n_prefix = 1 if has_cls and not self.drop else 0
+        self.last_connector_state: TokenState | None = None
+
+    @property
+    def signal_layer(self) -> int:
+        return self.tower.num_run - 1
+
+    def _select(self, pixel_values: torch.Tensor) -> tuple[TokenState, Signals]:
+        state, hidden = self.tower.encode(pixel_values, self.feature_layers)
+        x = hidden[0] if len(hidden) == 1 else torch.cat(hidden, dim=-1)
+        if len(hidden) > 1:
+            state = TokenState.start(x, state.n_prefix, state.grid)
+        state = drop_leading(state.replace(x=x), self.drop, self.n_prefix)
+        signals = self.tower.signals.get(self.signal_layer, Signals())
+        if signals.cls_attn is not None:
+            signals = Signals(cls_attn=signals.cls_attn[:, self.drop:])
+        return state, signals
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner.multi_modal_projector(x)
+
+    def _reduce(self, state: TokenState, signals: Signals, targets: list[int]) -> TokenState:
+        reduced = self.connector.reduce_visual(state, signals, torch.tensor(targets, device=state.x.device))
+        self.last_connector_state = reduced
+        return reduced
+
+    def encode(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> VisualTokens:
+        if self.is_next:
+            return self._encode_next(pixel_values, image_sizes)
+        if pixel_values.dim() != 4:
+            raise ValueError(f"LLaVA pixel_values must be (images, channels, height, width), got {tuple(pixel_values.shape)}")
+        state, signals = self._select(pixel_values)
+        if self.connector is not None:
+            if not self.connector.before_projector:
+                state = state.replace(x=self._project(state.x))
+            counts = state.valid.sum(dim=1).tolist() if state.valid is not None else [state.x.shape[1]] * state.x.shape[0]
+            state = self._reduce(state, signals, [self.connector.target(n - state.n_prefix) for n in counts])
+        x = self._project(state.x) if self.connector is None or self.connector.before_projector else state.x
+        anchors = anchors_of(state.origin, x.shape[1])
+        features, kept_anchors = [], []
+        for row in range(x.shape[0]):
+            real = anchors[row] < state.origin.shape[1]
+            if state.valid is not None:
+                real &= state.valid[row]
+            order = anchors[row].masked_fill(~real, state.origin.shape[1]).argsort()[: int(real.sum())]
+            features.append(x[row, order])
+            kept_anchors.append(anchors[row, order])
+        return VisualTokens(features, kept_anchors, [state.origin.shape[1]] * x.shape[0])
+
+    # ----- LLaVA-NeXT ----------------------------------------------------------------------------
+    def _encode_next(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> VisualTokens:
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        if image_sizes is None:
+            raise ValueError("LLaVA-NeXT needs the image_sizes the processor returns beside pixel_values")
+        if self.n_prefix or not self.drop:
+            raise ValueError("vtc supports LLaVA-NeXT with vision_feature_select_strategy='default' (as HF's packing)")
+        pinpoints, tile = self.config.image_grid_pinpoints, self.config.vision_config.image_size
+        sizes = [tuple(int(v) for v in size) for size in image_sizes]
+        num_tiles = [image_size_to_num_patches(list(size), pinpoints, tile) for size in sizes]
+        if pixel_values.dim() == 5:
+            pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, num_tiles)], dim=0)
+        state, signals = self._select(pixel_values)
+        project_first = self.connector is None or not self.connector.before_projector
+        if project_first:
+            state = state.replace(x=self._project(state.x))
+        side = self.tower.info.grid[0]
+        newline = self.inner.image_newline
+        features, anchors, placeholders, start = [], [], [], 0
+        for size, n in zip(sizes, num_tiles):
+            tiles = _take_tiles(state, start, n)
+            layout = anyres_layout(size, pinpoints, tile, side, n)
+            views = self._next_views(tiles, layout, signals, start)
+            feats, anchor = self._pack_next(views, layout, newline, project_first)
+            features.append(feats)
+            anchors.append(anchor)
+            placeholders.append(layout.num_placeholders)
+            start += n
+        return VisualTokens(features, anchors, placeholders)
+
+    def _next_views(self, tiles: TokenState, layout: AnyResLayout, signals: Signals, start: int) -> list[TokenState]:
+        side = layout.side
+        views = [view_from_tiles(tiles, torch.arange(side * side, device=tiles.x.device), (side, side))]
+        if layout.hires is not None:
+            hires = layout.hires.to(tiles.x.device)
+            views.append(view_from_tiles(tiles, hires.reshape(-1), tuple(hires.shape)))
+        if self.connector is None:
+            return [view for view, _ in views]
+        counts = [view.x.shape[1] for view, _ in views]
+        total = self.connector.target(sum(counts))
+        reduced = []
+        for (view, chosen), share in zip(views, split_total(total, counts)):
+            view_signals = Signals()
+            if signals.cls_attn is not None:  # each tile's CLS attention, on the view's tokens
+                view_signals = Signals(cls_attn=signals.cls_attn[start : start + layout.num_tiles].reshape(-1)[chosen][None])
+            reduced.append(self._reduce(view, view_signals, [share]) if share < view.x.shape[1] else view)
+        return reduced
+
+    def _pack_next(self, views: list[TokenState], layout: AnyResLayout, newline: torch.Tensor,
+                   projected: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        pieces, anchors = [], []
+        base = views[0]
+        base_anchor = anchors_of(base.origin, base.x.shape[1])[0]
+        order = base_anchor.argsort()
+        pieces.append(base.x[0, order])
+        anchors.append(base_anchor[order])
+        newline_feature = newline[None].to(base.x.dtype)
+        if layout.hires is None:
+            pieces.append(newline_feature)
+            anchors.append(torch.tensor([layout.base_tokens], device=base.x.device))
+        else:
+            hires = views[1]
+            cols = layout.hires.shape[1]
+            slot = anchors_of(hires.origin, hires.x.shape[1])[0]
+            order = slot.argsort()
+            slot, x = slot[order], hires.x[0, order]
+            row = slot // cols
+            row_end = torch.ones_like(row, dtype=torch.bool)
+            row_end[:-1] = row[1:] != row[:-1]
+            place = layout.hires_placeholder(slot)
+            # each row's tokens, then a newline at that row's newline placeholder
+            ends = row_end.nonzero()[:, 0]
+            stream = torch.cat([torch.arange(x.shape[0], device=x.device), ends], dim=0)
+            key = torch.cat([2 * torch.arange(x.shape[0], device=x.device), 2 * ends + 1])
+            stream = stream[key.argsort()]
+            is_newline = torch.cat([torch.zeros(x.shape[0], dtype=torch.bool, device=x.device),
+                                    torch.ones(ends.numel(), dtype=torch.bool, device=x.device)])[key.argsort()]
+            if not projected:
+                x = self._project(x)
+            newline_rows = newline_feature.expand(x.shape[0], -1)
+            pieces.append(torch.where(is_newline[:, None], newline_rows[stream], x[stream]))
+            newline_place = layout.base_tokens + row * (cols + 1) + cols
+            anchors.append(torch.where(is_newline, newline_place[stream], place[stream]))
+        if not projected:
+            pieces[0] = self._project(pieces[0])
+        return torch.cat(pieces, dim=0), torch.cat(anchors, dim=0)
+
+
+def _take_tiles(state: TokenState, start: int, count: int) -> TokenState:
+    rows = slice(start, start + count)
+    return state.replace(
+        x=state.x[rows], origin=state.origin[rows],
+        size=None if state.size is None else state.size[rows],
+        valid=None if state.valid is None else state.valid[rows],
+    )
+

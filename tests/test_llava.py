@@ -1,0 +1,242 @@
+"""vtc on HF LLaVA and LLaVA-NeXT: all three sites, per-image token counts, batch = single runs, generate()."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llava_models as lm
+import vtc
+
+NEXT_SIZES = [(64, 32), (32, 32), (32, 64)]  # (width, height): 52, 36 and 56 placeholders
+LLAVA_SPECS = [(), ("pool:tokens=4",), ("random:tokens=5",), ("tome:r=2",), ("evit:keep=0.5",),
+               ("tome:r=2", "random:keep=0.5"), ("pool:tokens=8", "exit:layer=1"), ("random:tokens=3,seed=4",)]
+NEXT_SPECS = [(), ("pool:tokens=9",), ("random:tokens=11",), ("tome:r=3",), ("evit:keep=0.6", "random:site=connector,tokens=4"),
+              ("tome:r=2", "random:keep=0.3", "exit:layer=2")]
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    return lm.build_llava(tmp_path_factory.mktemp("llava"), kind="llava")
+
+
+@pytest.fixture(scope="module")
+def llava_next(tmp_path_factory):
+    return lm.build_llava(tmp_path_factory.mktemp("next"), kind="next")
+
+
+def _inputs(processor, images, texts):
+    return processor(images=images, text=texts, padding=True, return_tensors="pt")
+
+
+def _generate(model, inputs, n=5, **kwargs):
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=n, do_sample=False, **kwargs)
+    return out[:, inputs["input_ids"].shape[1]:]
+
+
+def _answer(tokens: torch.Tensor, eos: int) -> list[int]:
+    """Generated ids up to and including the first end-of-sequence (a batch pads after it)."""
+    ids = tokens.tolist()
+    return ids[: ids.index(eos) + 1] if eos in ids else ids
+
+
+def _mixed_batch(processor):
+    """Two prompts of different lengths; the first holds two images, the second one."""
+    images = lm.images(3, seed=1)
+    texts = [lm.two_image_prompt(), lm.prompts(4)[3]]
+    return images, texts, [(images[:2], texts[:1]), (images[2:], texts[1:])]
+
+
+@pytest.mark.parametrize("kind", ["llava", "next"])
+def test_no_reducer_is_bit_identical_to_hf(kind, llava, llava_next):
+    model, processor = llava if kind == "llava" else llava_next
+    sizes = NEXT_SIZES[:2] if kind == "next" else None
+    inputs = _inputs(processor, lm.images(2, sizes=sizes), lm.prompts(2))
+    with torch.no_grad():
+        reference_tokens = _generate(model, inputs)
+        reference_logits = model(**inputs).logits
+        with vtc.apply(model) as handle:
+            assert torch.equal(_generate(model, inputs), reference_tokens)
+            assert torch.equal(model(**inputs).logits, reference_logits)
+            assert handle.visual_tokens == (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
+
+
+@pytest.mark.parametrize("spec", LLAVA_SPECS, ids=lambda s: "+".join(s) or "none")
+def test_llava_batch_equals_single_runs(llava, spec):
+    model, processor = llava
+    images, texts, singles = _mixed_batch(processor)
+    with vtc.apply(model, *spec) as handle:
+        batch = _inputs(processor, images, texts)
+        tokens = _generate(model, batch)
+        batch_counts = handle.visual_tokens
+        with torch.no_grad():
+            last = model(**batch).logits[:, -1]
+        for row, (imgs, text) in enumerate(singles):
+            single = _inputs(processor, imgs, text)
+            eos = model.generation_config.eos_token_id
+            assert _answer(_generate(model, single)[0], eos) == _answer(tokens[row], eos)
+            with torch.no_grad():
+                torch.testing.assert_close(model(**single).logits[:, -1], last[row : row + 1], atol=1e-4, rtol=1e-4)
+    assert len(batch_counts) == 3
+
+
+@pytest.mark.parametrize("spec", NEXT_SPECS, ids=lambda s: "+".join(s) or "none")
+def test_next_batch_equals_single_runs_with_different_counts(llava_next, spec):
+    model, processor = llava_next
+    images = lm.images(3, seed=2, sizes=NEXT_SIZES)
+    texts = lm.prompts(3)
+    with vtc.apply(model, *spec) as handle:
+        tokens = _generate(model, _inputs(processor, images, texts))
+        counts = handle.visual_tokens
+        for row in range(3):
+            single = _inputs(processor, images[row : row + 1], texts[row : row + 1])
+            eos = model.generation_config.eos_token_id
+            assert _answer(_generate(model, single)[0], eos) == _answer(tokens[row], eos)
+            assert handle.visual_tokens == counts[row : row + 1]
+    fixed_total = any(s.startswith(("pool", "random")) for s in spec)  # a per-image budget may equalise them
+    assert len(set(counts)) > 1 or fixed_total  # the images really carry different token counts
+
+
+@pytest.mark.parametrize(("spec", "expected"), [("pool:tokens=4", 4), ("random:tokens=5", 5), ("random:keep=0.5", 8),
+                                                ("pool:kernel=2", 4), ("tome:r=2", 12), ("evit:keep=0.5,layers=1", 9)])
+def test_llava_reports_the_tokens_the_llm_saw(llava, spec, expected):
+    model, processor = llava
+    inputs = _inputs(processor, lm.images(2), lm.prompts(2))
+    with vtc.apply(model, spec) as handle:
+        _generate(model, inputs, n=2)
+        assert handle.visual_tokens == [expected, expected]
+        assert int(handle.layout.visual.sum()) == 2 * expected  # what the LLM input actually holds
+    placeholders = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert placeholders == 2 * 16
+
+
+def test_next_budget_is_per_image_and_keeps_the_newline_layout(llava_next):
+    model, processor = llava_next
+    inputs = _inputs(processor, lm.images(3, sizes=NEXT_SIZES), lm.prompts(3))
+    newline = model.model.image_newline
+    with vtc.apply(model, "random:tokens=10") as handle:
+        _generate(model, inputs, n=1)
+        for features in handle.visual.features:
+            is_newline = (features == newline.to(features.dtype)).all(dim=1)
+            assert int((~is_newline).sum()) == 10
+            assert bool(is_newline[-1])  # the last map row still ends with a newline
+            assert not bool(is_newline[0])  # the base view comes first
+
+
+def test_decoder_drop_matches_masking_and_shortens_the_cache(llava):
+    model, processor = llava
+    images, texts, _ = _mixed_batch(processor)
+    inputs = _inputs(processor, images, texts)
+    results = {}
+    for mode in ("drop", "mask"):
+        with vtc.apply(model, "pool:tokens=4", f"exit:layer=1,mode={mode}") as handle:
+            with torch.no_grad():
+                out = model.generate(**inputs, max_new_tokens=5, do_sample=False, return_dict_in_generate=True,
+                                     output_logits=True)
+            cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
+            results[mode] = (out.sequences, torch.stack(out.logits), [cache.layers[i].keys.shape[2] for i in range(4)],
+                             handle.decoder_token_counts)
+    drop, mask = results["drop"], results["mask"]
+    assert torch.equal(drop[0], mask[0])
+    torch.testing.assert_close(drop[1], mask[1], atol=1e-4, rtol=1e-4)
+    visual_per_row = 8  # two images of 4 tokens in the longer row
+    assert drop[2][:2] == mask[2][:2]
+    assert [m - d for d, m in zip(drop[2][2:], mask[2][2:])] == [visual_per_row, visual_per_row]
+    assert drop[3][2] < drop[3][1] and mask[3][2] == mask[3][1]
+
+
+def test_sdpa_stays_and_no_attention_weights_are_requested(llava, monkeypatch):
+    model, processor = llava
+    inputs = _inputs(processor, lm.images(2), lm.prompts(2))
+    calls = []
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    with vtc.apply(model, "evit:keep=0.5", "random:tokens=4", "exit:layer=1"):
+        out = model(**inputs, output_attentions=False)
+    assert out.attentions is None
+    assert calls  # both towers ran through SDPA
+    for config in (model.config, model.config.text_config, model.config.vision_config):
+        assert config._attn_implementation == "sdpa"
+
+
+def test_remove_restores_bit_identical_behaviour(llava):
+    model, processor = llava
+    inputs = _inputs(processor, lm.images(2), lm.prompts(2))
+    before = _generate(model, inputs)
+    handle = vtc.apply(model, "tome:r=2", "pool:tokens=4", "exit:layer=1")
+    assert not torch.equal(_generate(model, inputs), before)
+    handle.remove()
+    assert torch.equal(_generate(model, inputs), before)
+    for module in model.modules():
+        assert "forward" not in module.__dict__
+    assert "generate" not in model.__dict__ and "_vtc_handle" not in model.__dict__
+
+
+def test_original_positions_continue_after_the_full_prompt(llava):
+    model, processor = llava
+    inputs = _inputs(processor, lm.images(2), lm.prompts(2))
+    with vtc.apply(model, positions="original") as handle:
+        same = _generate(model, inputs)
+    assert torch.equal(same, _generate(model, inputs))  # nothing removed: the two rules agree
+    with vtc.apply(model, "pool:tokens=4", positions="original") as handle:
+        _generate(model, inputs, n=1)
+        layout = handle.layout
+        full_length = inputs["attention_mask"].sum(dim=1)
+        assert torch.equal(layout.position_ids.max(dim=1).values, full_length - 1)
+        image_positions = layout.position_ids[layout.visual].view(2, 4)
+        assert bool((image_positions.diff(dim=1) > 1).all())  # pooled cells keep their spread-out anchors
+
+
+def test_labels_follow_the_rebuilt_sequence(llava):
+    model, processor = llava
+    inputs = _inputs(processor, lm.images(2), lm.prompts(2))
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, -100)
+    labels = labels.masked_fill(inputs["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        reference = model(**inputs, labels=labels).loss
+        with vtc.apply(model, "pool:tokens=4") as handle:
+            out = model(**inputs, labels=labels)
+            assert out.logits.shape[1] == handle.layout.input_ids.shape[1] < inputs["input_ids"].shape[1]
+    assert torch.isfinite(out.loss) and not torch.isclose(out.loss, reference)
+    with torch.no_grad(), vtc.apply(model):
+        torch.testing.assert_close(model(**inputs, labels=labels).loss, reference)
+
+
+def test_bad_inputs_are_clear_errors(llava, timm_vit):
+    model, processor = llava
+    for spec, message in [("pool:tokens=17", "more than the 16 visual tokens"),
+                          ("random:tokens=20", "more than the 16 visual tokens"),
+                          ("exit:layer=3", "no layer would run without image tokens"),
+                          ("exit:layer=9", r"layers \[9\] do not exist"),
+                          ("pool:tokens=4,layer=1", "encoder-site option")]:
+        with pytest.raises(ValueError, match=message):
+            vtc.apply(model, spec)
+        assert "_vtc_handle" not in model.__dict__
+    with pytest.raises(ValueError, match="one connector reducer per model"):
+        vtc.apply(model, "pool:tokens=4", "random:tokens=4")
+    with pytest.raises(ValueError, match="positions must be one of"):
+        vtc.apply(model, positions="shifted")
+    inputs = _inputs(processor, lm.images(2), lm.prompts(2))
+    with vtc.apply(model, "pool:tokens=4"):
+        extra = processor.image_processor(lm.images(3), return_tensors="pt")["pixel_values"]
+        with pytest.raises(ValueError, match=r"hold 32 image placeholder tokens .* but the 3 images need 48"):
+            model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=extra)
+        with pytest.raises(ValueError, match="pass input_ids with pixel_values"):
+            model(inputs_embeds=torch.zeros(2, 5, 64), pixel_values=inputs["pixel_values"])
+    with pytest.raises(ValueError, match="exit acts at the decoder site, but a timm model only has the encoder site"):
+        vtc.apply(timm_vit("plain"), "exit:layer=1")
+
+
+def test_non_llava_language_model_is_refused(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    with pytest.raises(TypeError, match="LlamaForCausalLM; supported: .*HF LlavaForConditionalGeneration"):
+        vtc.apply(model, "pool:tokens=4")
