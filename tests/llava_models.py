@@ -1,0 +1,167 @@
+"""Offline builders of tiny HF LLaVA / LLaVA-NeXT models and processors for CPU tests.
+
+Nothing is downloaded: the tokenizer is built with the ``tokenizers`` library, the
+weights are random (with a large ``initializer_range`` so greedy outputs depend on
+the image), and everything goes through ``save_pretrained`` / ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_SIZE = 32
+PATCH_SIZE = 8
+GRID_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]  # (height, width)
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+_BUILD_FILE = "vtc_build.json"
+
+WORDS = (
+    "USER ASSISTANT : ? . , ! what is in the picture image photo describe this that a an "
+    "of on at to and or it its there are how many color colors red green blue yellow black "
+    "white cat dog car tree house sky person people man woman child sun water road left right "
+    "top bottom middle center small large big one two three four five yes no please tell me "
+    "about detail details scene show shows see can you where who which object objects animal "
+    "background foreground bright dark light shape square circle line text number compare "
+    "first second both between same different"
+).split()
+
+
+def build_tokenizer() -> Any:
+    """WordLevel tokenizer (special tokens + ~100 words), wrapped in PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+    )
+
+
+def _vision_config(vision: str) -> Any:
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    shape = dict(
+        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, num_hidden_layers=3, hidden_size=32,
+        num_attention_heads=4, intermediate_size=64,
+    )
+    if vision == "clip":
+        return CLIPVisionConfig(**shape, initializer_range=0.2, initializer_factor=4.0)
+    if vision == "siglip":
+        return SiglipVisionConfig(**shape, vision_use_head=False)
+    raise ValueError(f"unknown vision tower {vision!r}")
+
+
+def _image_processor(kind: str) -> Any:
+    from transformers import LlavaImageProcessor, LlavaNextImageProcessor
+
+    common = dict(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    if kind == "next":
+        return LlavaNextImageProcessor(**common, image_grid_pinpoints=GRID_PINPOINTS)
+    return LlavaImageProcessor(**common)
+
+
+def build_llava(
+    directory: pathlib.Path,
+    kind: str = "llava",
+    vision: str = "clip",
+    strategy: str = "default",
+    feature_layer: int | list[int] = -2,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Any, Any]:
+    """Build (or reuse) a tiny LLaVA ("llava") or LLaVA-NeXT ("next") under ``directory``.
+
+    Returns ``(model, processor)`` freshly loaded with ``from_pretrained`` (model in eval mode).
+    """
+    import transformers as tf
+
+    if kind not in ("llava", "next"):
+        raise ValueError(f"unknown kind {kind!r}")
+    model_cls = tf.LlavaNextForConditionalGeneration if kind == "next" else tf.LlavaForConditionalGeneration
+    proc_cls = tf.LlavaNextProcessor if kind == "next" else tf.LlavaProcessor
+    directory = pathlib.Path(directory)
+    params = dict(kind=kind, vision=vision, strategy=strategy, feature_layer=feature_layer)
+    stamp = directory / _BUILD_FILE
+    if not (stamp.exists() and json.loads(stamp.read_text()) == params):
+        tokenizer = build_tokenizer()
+        text = tf.LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            initializer_range=0.2, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+        config_cls = tf.LlavaNextConfig if kind == "next" else tf.LlavaConfig
+        extra = {"image_grid_pinpoints": GRID_PINPOINTS} if kind == "next" else {}
+        config = config_cls(
+            vision_config=_vision_config(vision), text_config=text,
+            image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+            vision_feature_select_strategy=strategy, vision_feature_layer=feature_layer,
+            image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2, **extra,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = model_cls(config)
+            if vision == "siglip":  # SigLIP ignores initializer_range: widen its weights by hand
+                with torch.no_grad():
+                    for p in model.model.vision_tower.parameters():
+                        if p.dim() > 1:
+                            p.normal_(0.0, 0.2)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        processor = proc_cls(
+            image_processor=_image_processor(kind), tokenizer=tokenizer, patch_size=PATCH_SIZE,
+            vision_feature_select_strategy=strategy, image_token="<image>",
+            num_additional_image_tokens=1 if vision == "clip" else 0,
+        )
+        directory.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(directory)
+        processor.save_pretrained(directory)
+        stamp.write_text(json.dumps(params))
+    model = model_cls.from_pretrained(directory, dtype=dtype, attn_implementation="sdpa").eval()
+    return model, proc_cls.from_pretrained(directory)
+
+
+def images(n: int, seed: int = 0, sizes: list[tuple[int, int]] | None = None) -> list[Image.Image]:
+    """``n`` deterministic random RGB images; ``sizes`` gives (width, height) per image (default 32x32)."""
+    rng = np.random.default_rng(seed)
+    sizes = sizes or [(IMAGE_SIZE, IMAGE_SIZE)] * n
+    if len(sizes) != n:
+        raise ValueError("need one size per image")
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB") for w, h in sizes]
+
+
+_QUESTIONS = [  # 6, 7, 9, 13 and 5 words
+    "what is in the picture ?",
+    "describe this image in detail please .",
+    "how many objects are there in the picture ?",
+    "what color is the large object in the middle of the scene ?",
+    "tell me about the picture",
+]
+
+
+def prompts(n: int) -> list[str]:
+    """``n`` prompts of pairwise different token lengths, each with exactly one ``<image>``."""
+    return [f"USER: <image>\n{_QUESTIONS[i % len(_QUESTIONS)]}" + " please" * (9 * (i // len(_QUESTIONS)))
+            + " ASSISTANT:" for i in range(n)]
+
+
+def two_image_prompt(question: str = "compare the first and second image .") -> str:
+    """A prompt with two ``<image>`` placeholders."""
+    return f"USER: <image>\n<image>\n{question} ASSISTANT:"
