@@ -46,6 +46,9 @@ class LlavaTowerAdapter(HFVisionAdapter):
     def patch_pooling(self) -> None:
         """LLaVA reads hidden states, never the tower's pooling head."""
 
+    def head_flops(self, num_tokens: int) -> int:
+        return 0
+
     def encode(self, pixel_values: torch.Tensor, layers: list[int]) -> tuple[TokenState, list[torch.Tensor]]:
         """Run the tower; the state after the last run block and the hidden states ``layers``
         (HF ``hidden_states`` indices, non-negative) in the given order."""
@@ -134,6 +137,7 @@ class VisualPipeline:
         self.drop = 1 if self.strategy == "default" else 0  # HF drops index 0, CLS or not
         self.n_prefix = 1 if has_cls and not self.drop else 0
         self.last_connector_state: TokenState | None = None
+        self.projected_tokens = 0  # tokens through the projector in the last encode (for FLOP accounting)
 
     @property
     def signal_layer(self) -> int:
@@ -151,6 +155,7 @@ class VisualPipeline:
         return state, signals
 
     def _project(self, x: torch.Tensor) -> torch.Tensor:
+        self.projected_tokens += x.shape[:-1].numel()
         return self.inner.multi_modal_projector(x)
 
     def _reduce(self, state: TokenState, signals: Signals, targets: list[int]) -> TokenState:
@@ -159,6 +164,7 @@ class VisualPipeline:
         return reduced
 
     def encode(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> VisualTokens:
+        self.projected_tokens = 0
         if self.is_next:
             return self._encode_next(pixel_values, image_sizes)
         if pixel_values.dim() != 4:

@@ -7,6 +7,7 @@
         print(handle.token_counts)
 """
 
+from vtc.answer import answer
 from vtc.apply import Handle, apply
 from vtc.reducers import EViT, Pool, RandomDrop, ToMe, VisualExit, parse_reducer
 from vtc.state import TokenState
@@ -14,5 +15,6 @@ from vtc.state import TokenState
 __version__ = "0.1.0"
 
 __all__ = [
-    "EViT", "Handle", "Pool", "RandomDrop", "ToMe", "TokenState", "VisualExit", "apply", "parse_reducer", "__version__",
+    "EViT", "Handle", "Pool", "RandomDrop", "ToMe", "TokenState", "VisualExit", "answer", "apply", "parse_reducer",
+    "__version__",
 ]

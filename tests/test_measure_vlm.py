@@ -1,0 +1,86 @@
+"""Measurement of a LLaVA under vtc: stage FLOPs (counted = analytic), tokens, KV cache, fidelity; vtc.answer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import llava_models as lm
+import vtc
+from vtc.measure_vlm import answer_fidelity, profile
+
+NEXT_SIZES = [(64, 32), (32, 32)]
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    return lm.build_llava(tmp_path_factory.mktemp("llava"), kind="llava")
+
+
+@pytest.fixture(scope="module")
+def llava_next(tmp_path_factory):
+    return lm.build_llava(tmp_path_factory.mktemp("next"), kind="next")
+
+
+@pytest.mark.parametrize("kind", ["llava", "next"])
+@pytest.mark.parametrize("spec", [(), ("pool:tokens=4",), ("tome:r=2", "random:tokens=4"), ("evit:keep=0.5", "exit:layer=1")])
+def test_profile_counts_match_the_analytic_model(kind, spec, llava, llava_next):
+    model, processor = llava if kind == "llava" else llava_next
+    sizes = NEXT_SIZES if kind == "next" else None
+    inputs = processor(images=lm.images(2, sizes=sizes), text=lm.prompts(2), padding=True, return_tensors="pt")
+    with vtc.apply(model, *spec) as handle:
+        report = profile(model, inputs, new_tokens=3, warmup=0, repeats=1)
+        assert report.visual_tokens == handle.visual_tokens
+    for stage in (report.vision, report.prefill, report.decode):
+        assert stage.flops > 0 and stage.seconds >= 0
+        assert stage.flops_ratio == pytest.approx(1.0, abs=1e-3)
+    text = inputs["attention_mask"].sum(dim=1) - (inputs["input_ids"] == model.config.image_token_id).sum(dim=1)
+    assert report.prompt_tokens == (text + torch.tensor(report.visual_tokens)).tolist()
+    assert report.kv_cache_bytes > 0 and report.peak_memory_bytes is None  # CPU: no CUDA peak
+
+
+def test_fewer_visual_tokens_cost_fewer_prefill_flops(llava):
+    model, processor = llava
+    inputs = processor(images=lm.images(2), text=lm.prompts(2), padding=True, return_tensors="pt")
+    reports = {}
+    for spec in ((), ("pool:tokens=4",)):
+        with vtc.apply(model, *spec):
+            reports[spec] = profile(model, inputs, new_tokens=2, warmup=0, repeats=1)
+    full, pooled = reports[()], reports[("pool:tokens=4",)]
+    assert pooled.prefill.flops < 0.7 * full.prefill.flops
+    assert pooled.kv_cache_bytes < full.kv_cache_bytes
+
+
+def test_profile_needs_vtc_applied(llava):
+    model, processor = llava
+    inputs = processor(images=lm.images(1), text=lm.prompts(1), return_tensors="pt")
+    with pytest.raises(ValueError, match="needs vtc applied"):
+        profile(model, inputs)
+
+
+def test_answer_fidelity():
+    reference = torch.tensor([[5, 6, 7, 2, 0], [5, 6, 7, 8, 9]])
+    same = answer_fidelity(reference, reference.clone(), eos=2)
+    assert (same.exact_match, same.token_agreement) == (1.0, 1.0)
+    reduced = torch.tensor([[5, 6, 7, 2, 4], [5, 1, 7, 8, 1]])  # after eos nothing counts
+    report = answer_fidelity(reference, reduced, eos=2)
+    assert report.exact_match == 0.5
+    assert report.token_agreement == pytest.approx((1.0 + 3 / 5) / 2)
+    with pytest.raises(ValueError, match="same prompts"):
+        answer_fidelity(reference, reduced[:1])
+
+
+def test_answer_helper_matches_generate_and_batches(llava):
+    model, processor = llava
+    images = lm.images(3, seed=5)
+    questions = ["what is in the picture ?", "describe this image in detail please .", "how many objects are there ?"]
+    prompts = [f"USER: {q} ASSISTANT:" for q in questions]  # no placeholder: vtc.answer adds it
+    with vtc.apply(model, "pool:tokens=4"):
+        together = vtc.answer(model, processor, images, prompts, max_new_tokens=4)
+        one_by_one = vtc.answer(model, processor, images, prompts, max_new_tokens=4, batch_size=1)
+        inputs = processor(images=images[:1], text=["<image>\n" + prompts[0]], return_tensors="pt")
+        manual = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    assert together == one_by_one
+    assert together[0] == processor.tokenizer.decode(manual[0], skip_special_tokens=True).strip()
+    with pytest.raises(ValueError, match="one image .* per prompt"):
+        vtc.answer(model, processor, images[:2], prompts)

@@ -1,0 +1,186 @@
+"""Measurement for a LLaVA under vtc: vision, prefill and decode separately (DESIGN.md "Measurement").
+
+:func:`profile` runs one batch through the three stages a generation has:
+
+- **vision**: tower, connector reducer and projector (``handle.encode_images``);
+- **prefill**: the language model on the rebuilt sequence, up to the first new token's logits;
+- **decode**: every further token, one step at a time with the KV cache.
+
+For each stage it reports FLOPs counted by ``torch.utils.flop_counter`` beside the analytic count
+from token numbers (:func:`llm_flops`, ``vtc.measure.analytic_flops``) and the median latency; also
+the visual tokens per image, the peak CUDA memory and the KV-cache size. :func:`answer_fidelity`
+compares greedy answers with the unreduced model's (exact match and token agreement).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vtc.measure import _per_token_params, analytic_flops, counted_flops, time_calls
+
+
+def llm_flops(language_model: nn.Module, queries: Sequence[int], keys: Sequence[int], batch: int) -> int:
+    """Analytic FLOPs of the decoder layers: layer ``j`` runs ``queries[j]`` tokens per row against
+    ``keys[j]`` cached + new keys (flop-counter convention: 2 per MAC, products only)."""
+    total = 0
+    config = language_model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    for layer, q, k in zip(language_model.layers, queries, keys):
+        params = _per_token_params(layer.self_attn) + _per_token_params(layer.mlp)
+        total += batch * (2 * q * params + 4 * q * k * config.num_attention_heads * head_dim)
+    return total
+
+
+@dataclass
+class StageReport:
+    """One stage: FLOPs for the whole batch (counted and analytic) and median seconds per call."""
+
+    flops: int
+    predicted_flops: int
+    seconds: float
+
+    @property
+    def flops_ratio(self) -> float:
+        """Counted over analytic FLOPs (1.0 when the analytic model is exact)."""
+        return self.flops / self.predicted_flops if self.predicted_flops else float("nan")
+
+
+@dataclass
+class VLMProfile:
+    visual_tokens: list[int]  # per image, entering the LLM
+    prompt_tokens: list[int]  # per prompt, after rebuilding
+    vision: StageReport
+    prefill: StageReport
+    decode: StageReport  # all ``new_tokens - 1`` steps after the first token
+    new_tokens: int
+    kv_cache_bytes: int
+    peak_memory_bytes: int | None  # CUDA only
+
+    @property
+    def decode_seconds_per_token(self) -> float:
+        return self.decode.seconds / max(1, self.new_tokens - 1)
+
+
+def _cache_layers(cache) -> list:
+    return list(getattr(cache, "layers", []))
+
+
+def _kv_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in _cache_layers(cache) for t in (layer.keys, layer.values))
+
+
+def profile(model: nn.Module, inputs: dict, new_tokens: int = 8, warmup: int = 1, repeats: int = 5) -> VLMProfile:
+    """Profile one batch of processor ``inputs`` on a LLaVA with vtc applied (``vtc.apply(model)``
+    with no reducer profiles the unreduced model). Greedy decoding, ``new_tokens`` tokens."""
+    handle = model.__dict__.get("_vtc_handle")
+    if handle is None or not handle.active:
+        raise ValueError("profile() needs vtc applied to the model: vtc.apply(model, ...) (no reducer: the baseline)")
+    adapter = handle.adapter
+    device = next(model.parameters()).device
+    pixel_values, image_sizes = inputs["pixel_values"], inputs.get("image_sizes")
+    generate = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+
+    def vision():
+        return adapter.encode_images(pixel_values, image_sizes)
+
+    def prefill():
+        layout = adapter.build_inputs(inputs["input_ids"], inputs.get("attention_mask"), vision(), "left")
+        position_ids = layout.position_ids if adapter.positions == "original" else None
+        with adapter._visual_for_decoder(layout):
+            return model(inputs_embeds=layout.inputs_embeds, attention_mask=layout.attention_mask,
+                         position_ids=position_ids, use_cache=True, logits_to_keep=1)
+
+    def generate_first():
+        return model.generate(**inputs, **{**generate, "min_new_tokens": 1, "max_new_tokens": 1})
+
+    def generate_all():
+        return model.generate(**inputs, **generate, return_dict_in_generate=True)
+
+    with torch.inference_mode():
+        vision_flops = counted_flops(vision)
+        visual = adapter.visual
+        prefill_flops = counted_flops(prefill) - vision_flops
+        decode_flops = counted_flops(generate_all) - counted_flops(generate_first)
+        peak = None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        out = generate_all()
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
+    layout = adapter.layout
+    rows = layout.input_ids.shape[0]
+    width = layout.input_ids.shape[1]
+    language_model = model.model.language_model
+    num_layers = len(language_model.layers)
+    counts = adapter.decoder_token_counts or [width] * (num_layers + 1)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    cached = [layer.keys.shape[2] for layer in _cache_layers(cache)] or [width + new_tokens - 1] * num_layers
+    head = 2 * language_model.config.hidden_size * model.lm_head.out_features * rows
+    predicted_prefill = llm_flops(language_model, counts[:-1], counts[:-1], rows) + head
+    decode_steps = new_tokens - 1
+    predicted_decode = sum(
+        llm_flops(language_model, [1] * num_layers, [c - decode_steps + step + 1 for c in cached], rows) + head
+        for step in range(decode_steps)
+    )
+    tower = adapter.tower
+    per_image = analytic_flops(tower, tower.token_counts).total if tower.token_counts else 0
+    images = pixel_values.shape[0] if pixel_values.dim() == 4 else sum(_tiles(adapter, image_sizes))
+    projected = adapter.pipeline.projected_tokens
+    projector = _per_token_params(model.model.multi_modal_projector)
+    predicted_vision = images * per_image + 2 * projected * projector
+    seconds = time_calls([vision, prefill, generate_first, lambda: model.generate(**inputs, **generate)],
+                         warmup=warmup, repeats=repeats, device=device)
+    vision_s, prefill_s, first_s, all_s = (t.median for t in seconds)
+    return VLMProfile(
+        visual_tokens=[f.shape[0] for f in visual.features],
+        prompt_tokens=layout.attention_mask.sum(dim=1).tolist(),
+        vision=StageReport(vision_flops, predicted_vision, vision_s),
+        prefill=StageReport(prefill_flops, predicted_prefill, max(0.0, prefill_s - vision_s)),
+        decode=StageReport(decode_flops, predicted_decode, max(0.0, all_s - first_s)),
+        new_tokens=new_tokens,
+        kv_cache_bytes=_kv_bytes(cache),
+        peak_memory_bytes=peak,
+    )
+
+
+def _tiles(adapter, image_sizes) -> list[int]:
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    config = adapter.config
+    return [image_size_to_num_patches([int(v) for v in size], config.image_grid_pinpoints,
+                                      config.vision_config.image_size) for size in image_sizes]
+
+
+@dataclass
+class AnswerFidelity:
+    """Greedy answers of a reduced model against the unreduced model's (no labels needed)."""
+
+    exact_match: float  # fraction of prompts whose answer is identical
+    token_agreement: float  # mean fraction of reference answer positions with the same token
+
+
+def _trim(ids: Sequence[int], eos: int | Sequence[int] | None) -> list[int]:
+    stops = set([eos] if isinstance(eos, int) else (eos or []))
+    out = []
+    for token in ids:
+        out.append(int(token))
+        if token in stops:
+            break
+    return out
+
+
+def answer_fidelity(reference: torch.Tensor, reduced: torch.Tensor, eos: int | Sequence[int] | None = None) -> AnswerFidelity:
+    """Compare (B, T) generated ids (new tokens only), each answer cut after its first ``eos``."""
+    if reference.shape[0] != reduced.shape[0]:
+        raise ValueError(f"need the same prompts: {reference.shape[0]} reference answers, {reduced.shape[0]} reduced")
+    exact, agreement = [], []
+    for ref_row, red_row in zip(reference.tolist(), reduced.tolist()):
+        ref, red = _trim(ref_row, eos), _trim(red_row, eos)
+        exact.append(float(ref == red))
+        same = sum(1 for i, token in enumerate(ref) if i < len(red) and red[i] == token)
+        agreement.append(same / len(ref) if ref else float(not red))
+    return AnswerFidelity(sum(exact) / len(exact), sum(agreement) / len(agreement))
