@@ -193,6 +193,11 @@ class LlavaAdapter:
         has_images = kwargs.get("pixel_values") is not None or (len(args) > 1 and args[1] is not None)
         if labels is None or not has_images:
             return original(*args, labels=labels, **kwargs)
+        if self.decoder is not None and self.decoder.mode == "drop":
+            raise ValueError(
+                f"labels cannot follow a sequence the decoder site shortens inside the LLM; apply "
+                f"{self.decoder.reducer.name} with mode=mask to compute a loss"
+            )
         out = original(*args, **kwargs)
         source = self.layout.source
         moved = labels.gather(1, source.clamp_min(0)).masked_fill(source < 0, -100)

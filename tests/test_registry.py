@@ -9,7 +9,7 @@ from vtc.reducers import REDUCERS, EViT, Pool, RandomDrop, ToMe, parse_reducer, 
 
 
 def test_registry_names():
-    assert sorted(REDUCERS) == ["evit", "pool", "random", "tome"]
+    assert sorted(REDUCERS) == ["evit", "exit", "pool", "random", "tome"]
 
 
 @pytest.mark.parametrize(
@@ -78,7 +78,7 @@ def test_describe_lists_only_non_defaults():
 
 
 def test_unknown_reducer():
-    with pytest.raises(ValueError, match=r"unknown reducer 'fancy' in 'fancy:r=1'; known reducers: evit, pool, random, tome"):
+    with pytest.raises(ValueError, match=r"unknown reducer 'fancy' in 'fancy:r=1'; known reducers: evit, exit, pool, random, tome"):
         parse_reducer("fancy:r=1")
 
 
@@ -122,3 +122,20 @@ def test_bad_values_are_clear_errors(spec, message):
 def test_top_level_exports():
     assert vtc.parse_reducer is parse_reducer
     assert vtc.ToMe is ToMe and vtc.EViT is EViT and vtc.RandomDrop is RandomDrop and vtc.Pool is Pool
+
+
+def test_dual_site_reducers_take_a_site_option():
+    from vtc.reducers.base import Site
+
+    pool = parse_reducer("pool:tokens=16")
+    assert pool.resolve_site((Site.ENCODER, Site.CONNECTOR, Site.DECODER), "llava") is Site.CONNECTOR
+    assert pool.resolve_site((Site.ENCODER,), "timm") is Site.ENCODER
+    forced = parse_reducer("random:tokens=16,site=encoder")
+    assert forced.resolve_site((Site.ENCODER, Site.CONNECTOR), "llava") is Site.ENCODER
+    assert to_spec(forced) == "random:tokens=16,site=encoder"
+    with pytest.raises(ValueError, match="pool: site must be one of connector, encoder, got 'decoder'"):
+        parse_reducer("pool:tokens=4,site=decoder")
+    with pytest.raises(ValueError, match="random: layers is an encoder-site option"):
+        parse_reducer("random:layers=2;,site=connector")
+    with pytest.raises(ValueError, match="tome acts at the encoder site, but a llava-only model only has the connector site"):
+        parse_reducer("tome:r=2").resolve_site((Site.CONNECTOR,), "llava-only")
