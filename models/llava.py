@@ -89,16 +89,14 @@ class LlavaAdapter:
             connector.check_connector(ConnectorInfo(self.family, count, self.pipeline.n_prefix, grid))
             if connector.connector_needs:
                 self.tower.extra_needs[self.pipeline.signal_layer] = frozenset(connector.connector_needs)
+        self._patcher = InstancePatcher()
         self.decoder = None
         if Site.DECODER in reducers:
             from vtc.models.decoder import DecoderSite
 
-            self._decoder_patcher = InstancePatcher()
-            self.decoder = DecoderSite(self.inner.language_model, reducers[Site.DECODER], self._decoder_patcher)
-            reducers[Site.DECODER].layers(self.decoder.info)
+            self.decoder = DecoderSite(self.inner.language_model, reducers[Site.DECODER], self._patcher)
         self.layout: Assembled | None = None
         self.visual: VisualTokens | None = None
-        self._patcher = InstancePatcher()
 
     # ----- reports -------------------------------------------------------------------------------
     @property
@@ -138,8 +136,6 @@ class LlavaAdapter:
 
     def remove(self) -> None:
         self._patcher.restore()
-        if self.decoder is not None:
-            self._decoder_patcher.restore()
         self.tower.remove()
 
     # ----- the visual path -----------------------------------------------------------------------
@@ -214,6 +210,9 @@ class LlavaAdapter:
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("vtc locates image placeholders from input_ids; pass input_ids with pixel_values, not inputs_embeds")
         attention_mask = kwargs.pop("attention_mask", None)
+        if kwargs.get("max_length") is not None and kwargs.get("max_new_tokens") is None:
+            # HF counts max_length from the caller's prompt; keep that meaning for the shorter one
+            kwargs["max_new_tokens"] = max(1, kwargs.pop("max_length") - input_ids.shape[1])
         visual = self.encode_images(pixel_values, kwargs.pop("image_sizes", None))
         layout = self.build_inputs(input_ids, attention_mask, visual, "left")
         if self.positions == "original":

@@ -3,9 +3,9 @@
 
 The visual-token count K (default 576, 288, 144, 64, 16) is set by ``pool:tokens=K`` at the
 connector (2-D average pooling of the 24x24 CLIP grid; 576 runs with no reducer). For each K the
-script profiles one batch with :func:`vtc.measure_vlm.profile` (vision, prefill and decode, FLOPs
-counted by ``torch.utils.flop_counter`` beside the analytic count) and reports prefill latency and
-FLOPs relative to K=576, all measured in one run.
+script counts FLOPs per stage with :func:`vtc.measure_vlm.profile` (``torch.utils.flop_counter``
+beside the analytic count), then times vision, prefill and decode for every K in one interleaved
+loop (:func:`vtc.measure_vlm.time_stages`) and reports them relative to K=576.
 
 Shapes (``--shape``):
 - ``7b``: LLaVA-1.5-7B: CLIP ViT-L/14-336 (24 layers, width 1024) and a Llama-2-7B decoder
@@ -34,7 +34,7 @@ import torch
 
 import vtc
 from vtc.cli import OutputDirError, output_dir
-from vtc.measure_vlm import profile
+from vtc.measure_vlm import profile, time_stages
 
 SHAPES = {
     "7b": dict(vision_layers=24, vision_width=1024, decoder_layers=32, decoder_width=4096, decoder_mlp=11008),
@@ -125,30 +125,36 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     model = build_model(args.shape, getattr(torch, args.dtype), args.device, args.seed)
     inputs = build_inputs(args.batch, args.device, args.seed)
+    specs = [() if count == 576 else (f"pool:tokens={count}",) for count in args.tokens]
     rows = []
-    for count in args.tokens:
-        spec = () if count == 576 else (f"pool:tokens={count}",)
+    for count, spec in zip(args.tokens, specs):
         with vtc.apply(model, *spec):
-            report = profile(model, inputs, new_tokens=args.new_tokens, warmup=args.warmup, repeats=args.repeats)
+            report = profile(model, inputs, new_tokens=args.new_tokens, timed=False)
         rows.append({
             "visual_tokens": count, "seen": report.visual_tokens[0], "prompt_tokens": report.prompt_tokens[0],
             "prefill_gflops": report.prefill.flops / 1e9, "prefill_flops_measured_over_predicted": report.prefill.flops_ratio,
-            "prefill_ms": report.prefill.seconds * 1e3, "vision_ms": report.vision.seconds * 1e3,
-            "vision_gflops": report.vision.flops / 1e9, "decode_ms_per_token": report.decode_seconds_per_token * 1e3,
+            "vision_gflops": report.vision.flops / 1e9, "decode_gflops": report.decode.flops / 1e9,
             "kv_cache_mib": report.kv_cache_bytes / 2**20,
             "peak_memory_mib": None if report.peak_memory_bytes is None else report.peak_memory_bytes / 2**20,
         })
-        print(f"K={count}: prefill {rows[-1]['prefill_ms']:.1f} ms, {rows[-1]['prefill_gflops']:.2f} GFLOPs "
+        print(f"K={count}: {rows[-1]['prefill_gflops']:.2f} prefill GFLOPs "
               f"(measured/predicted {rows[-1]['prefill_flops_measured_over_predicted']:.4f})", flush=True)
+    seconds = time_stages(model, specs, inputs, new_tokens=args.new_tokens, warmup=args.warmup, repeats=args.repeats)
+    for row, stage in zip(rows, seconds):
+        row["prefill_ms"] = stage["prefill"] * 1e3
+        row["vision_ms"] = stage["vision"] * 1e3
+        row["decode_ms_per_token"] = stage["decode"] * 1e3 / max(1, args.new_tokens - 1)
     base = next((r for r in rows if r["visual_tokens"] == 576), rows[0])
     for row in rows:
         row["prefill_speedup"] = base["prefill_ms"] / row["prefill_ms"]
         row["prefill_flops_reduction"] = base["prefill_gflops"] / row["prefill_gflops"]
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     header = (f"LLaVA-1.5-7B-shaped ({args.shape}), {args.dtype}, batch {args.batch}, {device}, "
-              f"{args.repeats} repeats, torch {torch.__version__}")
+              f"{args.warmup} warm-up + {args.repeats} interleaved repeats, torch {torch.__version__}")
     columns = ["visual_tokens", "prompt_tokens", "prefill_gflops", "prefill_flops_measured_over_predicted", "prefill_ms",
                "prefill_speedup", "prefill_flops_reduction", "vision_ms", "decode_ms_per_token", "kv_cache_mib"]
+    if rows[0]["peak_memory_mib"] is not None:
+        columns.append("peak_memory_mib")
     table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         table.append("| " + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")

@@ -242,3 +242,29 @@ def test_non_llava_language_model_is_refused(tmp_path):
                                          num_attention_heads=2))
     with pytest.raises(TypeError, match="LlamaForCausalLM; supported: .*HF LlavaForConditionalGeneration"):
         vtc.apply(model, "pool:tokens=4")
+
+
+def test_sampling_and_uncached_generation(llava):
+    model, processor = llava
+    inputs = _inputs(processor, lm.images(2), lm.prompts(2))
+    settings = dict(max_new_tokens=5, do_sample=True, top_k=20, temperature=1.5)
+    torch.manual_seed(0)
+    reference = model.generate(**inputs, **settings)
+    with vtc.apply(model):
+        torch.manual_seed(0)
+        assert torch.equal(model.generate(**inputs, **settings), reference)  # no reducer: HF's samples
+    with vtc.apply(model, "tome:r=2", "random:tokens=6", "exit:layer=2"):
+        torch.manual_seed(1)
+        sampled = model.generate(**inputs, **settings)
+        assert sampled.shape == (2, inputs["input_ids"].shape[1] + 5)
+        cached = _generate(model, inputs)
+        assert torch.equal(_generate(model, inputs, use_cache=False), cached)
+
+
+def test_max_length_keeps_counting_from_the_callers_prompt(llava):
+    model, processor = llava
+    inputs = _inputs(processor, lm.images(2), lm.prompts(2))
+    length = inputs["input_ids"].shape[1]
+    with vtc.apply(model, "pool:tokens=4"), torch.no_grad():
+        out = model.generate(**inputs, max_length=length + 3, do_sample=False, min_new_tokens=3)
+    assert out.shape[1] == length + 3

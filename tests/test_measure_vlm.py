@@ -84,3 +84,17 @@ def test_answer_helper_matches_generate_and_batches(llava):
     assert together[0] == processor.tokenizer.decode(manual[0], skip_special_tokens=True).strip()
     with pytest.raises(ValueError, match="one image .* per prompt"):
         vtc.answer(model, processor, images[:2], prompts)
+
+
+def test_time_stages_interleaves_configurations_and_leaves_the_model_clean(llava):
+    from vtc.measure_vlm import time_stages
+
+    model, processor = llava
+    inputs = processor(images=lm.images(2), text=lm.prompts(2), padding=True, return_tensors="pt")
+    results = time_stages(model, [(), ("pool:tokens=4",)], inputs, new_tokens=3, warmup=0, repeats=1)
+    assert len(results) == 2 and all(set(r) == {"vision", "prefill", "decode"} for r in results)
+    assert all(value >= 0 for r in results for value in r.values())
+    assert "_vtc_handle" not in model.__dict__ and "generate" not in model.__dict__
+    with vtc.apply(model, "pool:tokens=4"):
+        report = profile(model, inputs, new_tokens=2, timed=False)
+    assert report.prefill.seconds == 0 and report.prefill.flops > 0

@@ -14,7 +14,7 @@ compares greedy answers with the unreduced model's (exact match and token agreem
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,32 +73,80 @@ def _kv_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in _cache_layers(cache) for t in (layer.keys, layer.values))
 
 
-def profile(model: nn.Module, inputs: dict, new_tokens: int = 8, warmup: int = 1, repeats: int = 5) -> VLMProfile:
-    """Profile one batch of processor ``inputs`` on a LLaVA with vtc applied (``vtc.apply(model)``
-    with no reducer profiles the unreduced model). Greedy decoding, ``new_tokens`` tokens."""
+def _adapter(model: nn.Module):
     handle = model.__dict__.get("_vtc_handle")
     if handle is None or not handle.active:
         raise ValueError("profile() needs vtc applied to the model: vtc.apply(model, ...) (no reducer: the baseline)")
-    adapter = handle.adapter
-    device = next(model.parameters()).device
+    return handle.adapter
+
+
+def stage_calls(model: nn.Module, inputs: dict, new_tokens: int) -> dict[str, Callable[[], object]]:
+    """The calls whose differences give the stages: ``vision``; ``prefill`` (vision, rebuild and
+    the LLM up to the first token's logits); ``first`` and ``all`` (generate 1 and ``new_tokens``
+    tokens). Each call uses the reducers applied to ``model`` at the time it runs."""
     pixel_values, image_sizes = inputs["pixel_values"], inputs.get("image_sizes")
     generate = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
 
     def vision():
-        return adapter.encode_images(pixel_values, image_sizes)
+        return _adapter(model).encode_images(pixel_values, image_sizes)
 
     def prefill():
+        adapter = _adapter(model)
         layout = adapter.build_inputs(inputs["input_ids"], inputs.get("attention_mask"), vision(), "left")
         position_ids = layout.position_ids if adapter.positions == "original" else None
         with adapter._visual_for_decoder(layout):
             return model(inputs_embeds=layout.inputs_embeds, attention_mask=layout.attention_mask,
                          position_ids=position_ids, use_cache=True, logits_to_keep=1)
 
-    def generate_first():
+    def first():
         return model.generate(**inputs, **{**generate, "min_new_tokens": 1, "max_new_tokens": 1})
 
-    def generate_all():
+    def every():
         return model.generate(**inputs, **generate, return_dict_in_generate=True)
+
+    return {"vision": vision, "prefill": prefill, "first": first, "all": every}
+
+
+def _stage_seconds(medians: dict[str, float], new_tokens: int) -> dict[str, float]:
+    return {
+        "vision": medians["vision"],
+        "prefill": max(0.0, medians["prefill"] - medians["vision"]),
+        "decode": max(0.0, medians["all"] - medians["first"]) if new_tokens > 1 else 0.0,
+    }
+
+
+def time_stages(model: nn.Module, reducer_sets: Sequence[Sequence], inputs: dict, new_tokens: int = 8,
+                warmup: int = 1, repeats: int = 5) -> list[dict[str, float]]:
+    """Median seconds of vision, prefill and decode (all ``new_tokens - 1`` steps) for each set of
+    reducers, all timed in one interleaved loop (each call applies its reducers and removes them),
+    so slow drifts of the machine hit every configuration alike. ``model`` must be unpatched."""
+    from vtc.apply import apply
+
+    calls = stage_calls(model, inputs, new_tokens)
+
+    def under(reducers: Sequence, call: Callable[[], object]) -> Callable[[], object]:
+        def run():
+            with apply(model, *reducers):
+                return call()
+        return run
+
+    names = ["vision", "prefill", "first", "all"] if new_tokens > 1 else ["vision", "prefill"]
+    device = next(model.parameters()).device
+    fns = [under(reducers, calls[name]) for reducers in reducer_sets for name in names]
+    timings = iter(t.median for t in time_calls(fns, warmup=warmup, repeats=repeats, device=device))
+    return [_stage_seconds({name: next(timings) for name in names}, new_tokens) for _ in reducer_sets]
+
+
+def profile(model: nn.Module, inputs: dict, new_tokens: int = 8, warmup: int = 1, repeats: int = 5,
+            timed: bool = True) -> VLMProfile:
+    """Profile one batch of processor ``inputs`` on a LLaVA with vtc applied (``vtc.apply(model)``
+    with no reducer profiles the unreduced model). Greedy decoding, ``new_tokens`` tokens;
+    ``timed=False`` skips the latency runs (seconds are then 0)."""
+    adapter = _adapter(model)
+    device = next(model.parameters()).device
+    pixel_values, image_sizes = inputs["pixel_values"], inputs.get("image_sizes")
+    calls = stage_calls(model, inputs, new_tokens)
+    vision, prefill, generate_first, generate_all = calls["vision"], calls["prefill"], calls["first"], calls["all"]
 
     with torch.inference_mode():
         vision_flops = counted_flops(vision)
@@ -132,15 +180,17 @@ def profile(model: nn.Module, inputs: dict, new_tokens: int = 8, warmup: int = 1
     projected = adapter.pipeline.projected_tokens
     projector = _per_token_params(model.model.multi_modal_projector)
     predicted_vision = images * per_image + 2 * projected * projector
-    seconds = time_calls([vision, prefill, generate_first, lambda: model.generate(**inputs, **generate)],
-                         warmup=warmup, repeats=repeats, device=device)
-    vision_s, prefill_s, first_s, all_s = (t.median for t in seconds)
+    seconds = {"vision": 0.0, "prefill": 0.0, "decode": 0.0}
+    if timed:
+        names = ("vision", "prefill", "first", "all")
+        medians = time_calls([calls[name] for name in names], warmup=warmup, repeats=repeats, device=device)
+        seconds = _stage_seconds({name: t.median for name, t in zip(names, medians)}, new_tokens)
     return VLMProfile(
         visual_tokens=[f.shape[0] for f in visual.features],
         prompt_tokens=layout.attention_mask.sum(dim=1).tolist(),
-        vision=StageReport(vision_flops, predicted_vision, vision_s),
-        prefill=StageReport(prefill_flops, predicted_prefill, max(0.0, prefill_s - vision_s)),
-        decode=StageReport(decode_flops, predicted_decode, max(0.0, all_s - first_s)),
+        vision=StageReport(vision_flops, predicted_vision, seconds["vision"]),
+        prefill=StageReport(prefill_flops, predicted_prefill, seconds["prefill"]),
+        decode=StageReport(decode_flops, predicted_decode, seconds["decode"]),
         new_tokens=new_tokens,
         kv_cache_bytes=_kv_bytes(cache),
         peak_memory_bytes=peak,
