@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 import pytest
 import torch
 
 import llava_models as lm
 import vtc
+from vtc.merge import keep_top
+from vtc.reducers.base import ConnectorReducer, Signal, Site
 
 NEXT_SIZES = [(64, 32), (32, 32), (32, 64)]  # (width, height): 52, 36 and 56 placeholders
 LLAVA_SPECS = [(), ("pool:tokens=4",), ("random:tokens=5",), ("tome:r=2",), ("evit:keep=0.5",),
@@ -268,3 +273,54 @@ def test_max_length_keeps_counting_from_the_callers_prompt(llava):
     with vtc.apply(model, "pool:tokens=4"), torch.no_grad():
         out = model.generate(**inputs, max_length=length + 3, do_sample=False, min_new_tokens=3)
     assert out.shape[1] == length + 3
+
+
+@dataclass
+class KeepByClsAttention(ConnectorReducer):
+    """A connector reducer asking for the CLS attention at the feature layer (a FasterVLM-like test double)."""
+
+    name: ClassVar[str] = "cls-keep"
+    sites: ClassVar[tuple[Site, ...]] = (Site.CONNECTOR,)
+    connector_needs: ClassVar[frozenset[Signal]] = frozenset({Signal.CLS_ATTN})
+    tokens: int = 5
+    seen: list = field(default_factory=list)
+
+    def target(self, num_tokens: int) -> int:
+        return min(self.tokens, num_tokens)
+
+    def reduce_visual(self, state, signals, targets):
+        self.seen.append(signals.cls_attn)
+        return keep_top(state, signals.cls_attn, targets)
+
+
+def _cls_attention_by_hand(tower, pixel_values, layer):
+    """Head-mean softmax row of the CLS query at ``layer``, from HF's own hidden states."""
+    hidden = tower(pixel_values, output_hidden_states=True).hidden_states[layer]
+    attn = tower.encoder.layers[layer].self_attn
+    h = tower.encoder.layers[layer].layer_norm1(hidden)
+    shape = (h.shape[0], h.shape[1], -1, attn.head_dim)
+    q = attn.q_proj(h).view(shape).transpose(1, 2)
+    k = attn.k_proj(h).view(shape).transpose(1, 2)
+    return ((q[:, :, :1] @ k.transpose(-1, -2)) * attn.scale).softmax(-1).mean(1)[:, 0]
+
+
+def test_connector_gets_cls_attention_at_the_feature_layer(llava, llava_next):
+    model, processor = llava
+    inputs = _inputs(processor, lm.images(2), lm.prompts(2))
+    reducer = KeepByClsAttention(tokens=5)
+    with vtc.apply(model, reducer) as handle, torch.no_grad():
+        _generate(model, inputs, n=1)
+        expected = _cls_attention_by_hand(model.model.vision_tower, inputs["pixel_values"], layer=1)
+        torch.testing.assert_close(reducer.seen[-1], expected[:, 1:])  # feature layer -2 of 3; CLS dropped
+        assert handle.visual_tokens == [5, 5]
+        top = expected[:, 1:].argsort(dim=1, descending=True)[:, :5].sort(dim=1).values
+        assert torch.equal(handle.adapter.pipeline.last_connector_state.origin.ge(0).nonzero()[:, 1].view(2, 5), top)
+    model, processor = llava_next  # per view on NeXT: each tile's CLS attention on its tokens
+    inputs = _inputs(processor, lm.images(2, sizes=NEXT_SIZES[:2]), lm.prompts(2))
+    reducer = KeepByClsAttention(tokens=6)
+    with vtc.apply(model, reducer) as handle, torch.no_grad():
+        _generate(model, inputs, n=1)
+        assert all(signal.shape[0] == 1 and bool((signal > 0).all()) for signal in reducer.seen)
+        newline = model.model.image_newline
+        kept = [int((~(f == newline).all(dim=1)).sum()) for f in handle.visual.features]
+        assert kept == [6, 6]

@@ -98,3 +98,17 @@ def test_time_stages_interleaves_configurations_and_leaves_the_model_clean(llava
     with vtc.apply(model, "pool:tokens=4"):
         report = profile(model, inputs, new_tokens=2, timed=False)
     assert report.prefill.seconds == 0 and report.prefill.flops > 0
+
+
+def test_compare_answers_runs_both_sides(llava):
+    from vtc.measure_vlm import compare_answers
+
+    model, processor = llava
+    inputs = processor(images=lm.images(3, seed=3), text=lm.prompts(3), padding=True, return_tensors="pt")
+    same = compare_answers(model, [], inputs, max_new_tokens=4)
+    assert (same.exact_match, same.token_agreement) == (1.0, 1.0)
+    pooled = compare_answers(model, ["pool:tokens=1"], inputs, max_new_tokens=4)
+    assert 0.0 <= pooled.token_agreement <= 1.0 and pooled.exact_match <= 1.0
+    assert "_vtc_handle" not in model.__dict__
+    with vtc.apply(model), pytest.raises(ValueError, match="applies the reducers itself"):
+        compare_answers(model, [], inputs)

@@ -8,19 +8,23 @@
 
 For each stage it reports FLOPs counted by ``torch.utils.flop_counter`` beside the analytic count
 from token numbers (:func:`llm_flops`, ``vtc.measure.analytic_flops``) and the median latency; also
-the visual tokens per image, the peak CUDA memory and the KV-cache size. :func:`answer_fidelity`
-compares greedy answers with the unreduced model's (exact match and token agreement).
+the visual tokens per image, the peak CUDA memory and the KV-cache size; :func:`time_stages` times
+several reducer sets in one interleaved loop. :func:`answer_fidelity` compares greedy answers with
+the unreduced model's (exact match and token agreement); :func:`compare_answers` runs both.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import StoppingCriteria, StoppingCriteriaList
 
-from vtc.measure import _per_token_params, analytic_flops, counted_flops, time_calls
+from vtc.measure import _per_token_params, _sync, analytic_flops, counted_flops, time_calls
 
 
 def llm_flops(language_model: nn.Module, queries: Sequence[int], keys: Sequence[int], batch: int) -> int:
@@ -55,7 +59,7 @@ class VLMProfile:
     prompt_tokens: list[int]  # per prompt, after rebuilding
     vision: StageReport
     prefill: StageReport
-    decode: StageReport  # all ``new_tokens - 1`` steps after the first token
+    decode: StageReport  # all ``new_tokens - 1`` steps after the first token (timed inside generate)
     new_tokens: int
     kv_cache_bytes: int
     peak_memory_bytes: int | None  # CUDA only
@@ -80,12 +84,37 @@ def _adapter(model: nn.Module):
     return handle.adapter
 
 
-def stage_calls(model: nn.Module, inputs: dict, new_tokens: int) -> dict[str, Callable[[], object]]:
-    """The calls whose differences give the stages: ``vision``; ``prefill`` (vision, rebuild and
-    the LLM up to the first token's logits); ``first`` and ``all`` (generate 1 and ``new_tokens``
-    tokens). Each call uses the reducers applied to ``model`` at the time it runs."""
+class _StepClock(StoppingCriteria):
+    """Stamps the time after every generated token (never stops generation)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.stamps = device, []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        _sync(self.device)
+        self.stamps.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+@dataclass
+class StageCalls:
+    """``vision``; ``prefill`` (vision, rebuild and the LLM up to the first token's logits);
+    ``first`` and ``all`` (generate 1 and ``new_tokens`` tokens). ``all`` appends to
+    ``decode_seconds`` the time from its first to its last token (the decode steps alone). Each
+    call uses the reducers applied to the model when it runs."""
+
+    vision: Callable[[], object]
+    prefill: Callable[[], object]
+    first: Callable[[], object]
+    all: Callable[[], object]
+    decode_seconds: list[float]
+
+
+def stage_calls(model: nn.Module, inputs: dict, new_tokens: int) -> StageCalls:
     pixel_values, image_sizes = inputs["pixel_values"], inputs.get("image_sizes")
     generate = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens)
+    device = next(model.parameters()).device
+    decode_seconds: list[float] = []
 
     def vision():
         return _adapter(model).encode_images(pixel_values, image_sizes)
@@ -102,17 +131,22 @@ def stage_calls(model: nn.Module, inputs: dict, new_tokens: int) -> dict[str, Ca
         return model.generate(**inputs, **{**generate, "min_new_tokens": 1, "max_new_tokens": 1})
 
     def every():
-        return model.generate(**inputs, **generate, return_dict_in_generate=True)
+        clock = _StepClock(device)
+        out = model.generate(**inputs, **generate, return_dict_in_generate=True,
+                             stopping_criteria=StoppingCriteriaList([clock]))
+        decode_seconds.append(clock.stamps[-1] - clock.stamps[0])
+        return out
 
-    return {"vision": vision, "prefill": prefill, "first": first, "all": every}
+    return StageCalls(vision, prefill, first, every, decode_seconds)
 
 
-def _stage_seconds(medians: dict[str, float], new_tokens: int) -> dict[str, float]:
-    return {
-        "vision": medians["vision"],
-        "prefill": max(0.0, medians["prefill"] - medians["vision"]),
-        "decode": max(0.0, medians["all"] - medians["first"]) if new_tokens > 1 else 0.0,
-    }
+def _timed(calls: StageCalls) -> list[Callable[[], object]]:
+    return [calls.vision, calls.prefill, calls.all]
+
+
+def _stage_seconds(vision: float, prefill: float, calls: StageCalls, repeats: int) -> dict[str, float]:
+    return {"vision": vision, "prefill": max(0.0, prefill - vision),
+            "decode": statistics.median(calls.decode_seconds[-repeats:])}
 
 
 def time_stages(model: nn.Module, reducer_sets: Sequence[Sequence], inputs: dict, new_tokens: int = 8,
@@ -122,19 +156,20 @@ def time_stages(model: nn.Module, reducer_sets: Sequence[Sequence], inputs: dict
     so slow drifts of the machine hit every configuration alike. ``model`` must be unpatched."""
     from vtc.apply import apply
 
-    calls = stage_calls(model, inputs, new_tokens)
-
     def under(reducers: Sequence, call: Callable[[], object]) -> Callable[[], object]:
         def run():
             with apply(model, *reducers):
                 return call()
         return run
 
-    names = ["vision", "prefill", "first", "all"] if new_tokens > 1 else ["vision", "prefill"]
-    device = next(model.parameters()).device
-    fns = [under(reducers, calls[name]) for reducers in reducer_sets for name in names]
-    timings = iter(t.median for t in time_calls(fns, warmup=warmup, repeats=repeats, device=device))
-    return [_stage_seconds({name: next(timings) for name in names}, new_tokens) for _ in reducer_sets]
+    per_set = [stage_calls(model, inputs, new_tokens) for _ in reducer_sets]
+    fns = [under(reducers, call) for reducers, calls in zip(reducer_sets, per_set) for call in _timed(calls)]
+    medians = iter(t.median for t in time_calls(fns, warmup=warmup, repeats=repeats, device=next(model.parameters()).device))
+    results = []
+    for calls in per_set:
+        vision, prefill, _ = next(medians), next(medians), next(medians)
+        results.append(_stage_seconds(vision, prefill, calls, repeats))
+    return results
 
 
 def profile(model: nn.Module, inputs: dict, new_tokens: int = 8, warmup: int = 1, repeats: int = 5,
@@ -146,7 +181,7 @@ def profile(model: nn.Module, inputs: dict, new_tokens: int = 8, warmup: int = 1
     device = next(model.parameters()).device
     pixel_values, image_sizes = inputs["pixel_values"], inputs.get("image_sizes")
     calls = stage_calls(model, inputs, new_tokens)
-    vision, prefill, generate_first, generate_all = calls["vision"], calls["prefill"], calls["first"], calls["all"]
+    vision, prefill, generate_first, generate_all = calls.vision, calls.prefill, calls.first, calls.all
 
     with torch.inference_mode():
         vision_flops = counted_flops(vision)
@@ -182,9 +217,8 @@ def profile(model: nn.Module, inputs: dict, new_tokens: int = 8, warmup: int = 1
     predicted_vision = images * per_image + 2 * projected * projector
     seconds = {"vision": 0.0, "prefill": 0.0, "decode": 0.0}
     if timed:
-        names = ("vision", "prefill", "first", "all")
-        medians = time_calls([calls[name] for name in names], warmup=warmup, repeats=repeats, device=device)
-        seconds = _stage_seconds({name: t.median for name, t in zip(names, medians)}, new_tokens)
+        vision_t, prefill_t, _ = time_calls(_timed(calls), warmup=warmup, repeats=repeats, device=device)
+        seconds = _stage_seconds(vision_t.median, prefill_t.median, calls, repeats)
     return VLMProfile(
         visual_tokens=[f.shape[0] for f in visual.features],
         prompt_tokens=layout.attention_mask.sum(dim=1).tolist(),
@@ -234,3 +268,20 @@ def answer_fidelity(reference: torch.Tensor, reduced: torch.Tensor, eos: int | S
         same = sum(1 for i, token in enumerate(ref) if i < len(red) and red[i] == token)
         agreement.append(same / len(ref) if ref else float(not red))
     return AnswerFidelity(sum(exact) / len(exact), sum(agreement) / len(agreement))
+
+
+def compare_answers(model: nn.Module, reducers: Sequence, inputs: dict, max_new_tokens: int = 32) -> AnswerFidelity:
+    """Greedy answers to processor ``inputs`` without and with ``reducers`` (applied to the
+    unpatched ``model`` for the call, then removed), compared by :func:`answer_fidelity`."""
+    from vtc.apply import apply
+
+    if model.__dict__.get("_vtc_handle") is not None and model.__dict__["_vtc_handle"].active:
+        raise ValueError("compare_answers() applies the reducers itself; call handle.remove() first")
+    settings = dict(do_sample=False, max_new_tokens=max_new_tokens)
+    prompt = inputs["input_ids"].shape[1]
+    with torch.inference_mode():
+        reference = model.generate(**inputs, **settings)[:, prompt:]
+        with apply(model, *reducers):
+            reduced = model.generate(**inputs, **settings)[:, prompt:]
+    eos = model.generation_config.eos_token_id
+    return answer_fidelity(reference, reduced, eos)

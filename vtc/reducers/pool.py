@@ -32,7 +32,7 @@ def _factor_grids(tokens: int, grid: tuple[int, int], exact: bool) -> list[tuple
 
 @dataclass
 class Pool(EncoderReducer, ConnectorReducer):
-    """Average-pool the patch grid (pool.py docstring).
+    """Average-pool the patch grid (see the module docstring).
 
     Args:
         kernel: square window in patches (last row/column cells may be smaller).
@@ -43,7 +43,7 @@ class Pool(EncoderReducer, ConnectorReducer):
         site: "connector" or "encoder"; default: the connector where the model has one.
 
     At the connector of LLaVA-NeXT an image's token budget is split between its base view and
-    its high-resolution map (see ``vtc.models.llava``); a view's share that does not factor into
+    its high-resolution map (see ``vtc.models.llava_vision``); a view's share that does not factor into
     a fitting grid is pooled to the largest grid with at most that many cells.
     """
 
