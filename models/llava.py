@@ -75,6 +75,11 @@ class LlavaAdapter:
             )
         self.tower = LlavaTowerAdapter(tower, encoder, max(self.feature_layers))
         strategy = self.config.vision_feature_select_strategy
+        if self.is_next and strategy != "default":
+            raise ValueError(
+                f"vtc supports LLaVA-NeXT with vision_feature_select_strategy='default' only (HF's tile packing "
+                f"assumes it); this model has {strategy!r}"
+            )
         if encoder is not None and strategy == "default" and not self.tower.info.has_cls:
             raise ValueError(
                 f"{encoder.name}: the 'default' feature strategy drops the first token, which on a tower without a "

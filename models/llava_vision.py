@@ -132,9 +132,8 @@ class VisualPipeline:
                  connector: ConnectorReducer | None, is_next: bool) -> None:
         self.inner, self.config, self.tower = inner, config, tower
         self.feature_layers, self.connector, self.is_next = feature_layers, connector, is_next
-        self.strategy = config.vision_feature_select_strategy
         has_cls = tower.info.has_cls
-        self.drop = 1 if self.strategy == "default" else 0  # HF drops index 0, CLS or not
+        self.drop = 1 if config.vision_feature_select_strategy == "default" else 0  # HF drops index 0, CLS or not
         self.n_prefix = 1 if has_cls and not self.drop else 0
         self.last_connector_state: TokenState | None = None
         self.projected_tokens = 0  # tokens through the projector in the last encode (for FLOP accounting)
@@ -193,8 +192,6 @@ class VisualPipeline:
 
         if image_sizes is None:
             raise ValueError("LLaVA-NeXT needs the image_sizes the processor returns beside pixel_values")
-        if self.n_prefix or not self.drop:
-            raise ValueError("vtc supports LLaVA-NeXT with vision_feature_select_strategy='default' (as HF's packing)")
         pinpoints, tile = self.config.image_grid_pinpoints, self.config.vision_config.image_size
         sizes = [tuple(int(v) for v in size) for size in image_sizes]
         num_tiles = [image_size_to_num_patches(list(size), pinpoints, tile) for size in sizes]

@@ -147,6 +147,22 @@ def _check_state_maps(state, n0: int, dropped_allowed: bool = False) -> None:
 
 
 @pytest.fixture(scope="session")
+def llava(tmp_path_factory):
+    """A tiny LLaVA-1.5 (CLIP tower, Llama decoder) and its processor, reloaded with from_pretrained."""
+    import llava_models
+
+    return llava_models.build_llava(tmp_path_factory.mktemp("llava"), kind="llava")
+
+
+@pytest.fixture(scope="session")
+def llava_next(tmp_path_factory):
+    """A tiny LLaVA-NeXT (AnyRes tiles) and its processor, reloaded with from_pretrained."""
+    import llava_models
+
+    return llava_models.build_llava(tmp_path_factory.mktemp("next"), kind="next")
+
+
+@pytest.fixture(scope="session")
 def tools() -> SimpleNamespace:
     return SimpleNamespace(
         images=_images,

@@ -20,16 +20,6 @@ NEXT_SPECS = [(), ("pool:tokens=9",), ("random:tokens=11",), ("tome:r=3",), ("ev
               ("tome:r=2", "random:keep=0.3", "exit:layer=2")]
 
 
-@pytest.fixture(scope="module")
-def llava(tmp_path_factory):
-    return lm.build_llava(tmp_path_factory.mktemp("llava"), kind="llava")
-
-
-@pytest.fixture(scope="module")
-def llava_next(tmp_path_factory):
-    return lm.build_llava(tmp_path_factory.mktemp("next"), kind="next")
-
-
 def _inputs(processor, images, texts):
     return processor(images=images, text=texts, padding=True, return_tensors="pt")
 
@@ -324,3 +314,36 @@ def test_connector_gets_cls_attention_at_the_feature_layer(llava, llava_next):
         newline = model.model.image_newline
         kept = [int((~(f == newline).all(dim=1)).sum()) for f in handle.visual.features]
         assert kept == [6, 6]
+
+
+@pytest.mark.parametrize(("vision", "strategy", "layers", "spec", "expected"), [
+    ("siglip", "full", -2, ("tome:r=2", "random:tokens=5"), 5),   # no CLS: every token is a patch
+    ("clip", "full", -2, ("pool:tokens=4",), 5),                   # CLS kept in front of 4 cells
+    ("clip", "full", -2, ("evit:keep=0.5", "random:tokens=3"), 4),
+    ("clip", "default", [-3, -1], ("pool:tokens=4",), 4),          # two layers concatenated
+])
+def test_towers_strategies_and_feature_layers(tmp_path_factory, vision, strategy, layers, spec, expected):
+    model, processor = lm.build_llava(tmp_path_factory.mktemp("tower"), vision=vision, strategy=strategy,
+                                      feature_layer=layers)
+    inputs = _inputs(processor, lm.images(2), lm.prompts(2))
+    reference = _generate(model, inputs)
+    with vtc.apply(model):
+        assert torch.equal(_generate(model, inputs), reference)
+    with vtc.apply(model, *spec) as handle:
+        tokens = _generate(model, inputs)
+        assert handle.visual_tokens == [expected, expected]
+        single = _generate(model, _inputs(processor, lm.images(1), lm.prompts(1)))
+        eos = model.generation_config.eos_token_id
+        assert _answer(single[0], eos) == _answer(tokens[0], eos)
+
+
+def test_encoder_reducers_refused_where_tokens_cannot_follow(tmp_path_factory):
+    model, _ = lm.build_llava(tmp_path_factory.mktemp("layers"), feature_layer=[-3, -1])
+    with pytest.raises(ValueError, match=r"concatenates vision layers \[-3, -1\]"):
+        vtc.apply(model, "tome:r=2")
+    model, _ = lm.build_llava(tmp_path_factory.mktemp("siglip"), vision="siglip", strategy="default")
+    with pytest.raises(ValueError, match="'default' feature strategy drops the first token"):
+        vtc.apply(model, "tome:r=2")
+    model, _ = lm.build_llava(tmp_path_factory.mktemp("next_full"), kind="next", strategy="full")
+    with pytest.raises(ValueError, match="LLaVA-NeXT with vision_feature_select_strategy='default' only"):
+        vtc.apply(model)

@@ -12,16 +12,6 @@ NEXT_TOKENS = {(32, 32): 36, (64, 32): 52, (32, 64): 56, (64, 20): 34, (48, 20):
 
 
 @pytest.fixture(scope="module")
-def llava(tmp_path_factory):
-    return lm.build_llava(tmp_path_factory.mktemp("llava"), kind="llava")
-
-
-@pytest.fixture(scope="module")
-def llava_next(tmp_path_factory):
-    return lm.build_llava(tmp_path_factory.mktemp("next"), kind="next")
-
-
-@pytest.fixture(scope="module")
 def llava_siglip(tmp_path_factory):
     return lm.build_llava(tmp_path_factory.mktemp("siglip"), vision="siglip", strategy="full")
 

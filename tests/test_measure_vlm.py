@@ -12,16 +12,6 @@ from vtc.measure_vlm import answer_fidelity, profile
 NEXT_SIZES = [(64, 32), (32, 32)]
 
 
-@pytest.fixture(scope="module")
-def llava(tmp_path_factory):
-    return lm.build_llava(tmp_path_factory.mktemp("llava"), kind="llava")
-
-
-@pytest.fixture(scope="module")
-def llava_next(tmp_path_factory):
-    return lm.build_llava(tmp_path_factory.mktemp("next"), kind="next")
-
-
 @pytest.mark.parametrize("kind", ["llava", "next"])
 @pytest.mark.parametrize("spec", [(), ("pool:tokens=4",), ("tome:r=2", "random:tokens=4"), ("evit:keep=0.5", "exit:layer=1")])
 def test_profile_counts_match_the_analytic_model(kind, spec, llava, llava_next):
