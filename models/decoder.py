@@ -167,6 +167,8 @@ class DecoderSite:
         v = self._visual
         if v is None or past > 0:  # tokens after a cached past are text
             return None
+        if v.shape[0] != batch and batch % v.shape[0] == 0:  # generate expanded the batch (num_return_sequences)
+            v = v.repeat_interleave(batch // v.shape[0], dim=0)
         if v.shape[0] != batch or v.shape[1] > q:
             raise ValueError(f"vtc: the visual mask has shape {tuple(v.shape)} but the prefill input is {(batch, q)}")
         v = v.to(device)

@@ -226,7 +226,8 @@ class LlavaAdapter:
             out = original(input_ids=layout.input_ids, inputs_embeds=layout.inputs_embeds,
                            attention_mask=layout.attention_mask, **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
-        full = torch.cat([input_ids, sequences[:, layout.input_ids.shape[1]:]], dim=1)
+        prompts = input_ids.repeat_interleave(sequences.shape[0] // input_ids.shape[0], dim=0)  # num_return_sequences
+        full = torch.cat([prompts, sequences[:, layout.input_ids.shape[1]:]], dim=1)
         if isinstance(out, torch.Tensor):
             return full
         out.sequences = full

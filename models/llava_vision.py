@@ -27,7 +27,7 @@ from torch import nn
 from vtc.budget import split_total
 from vtc.models.anyres import AnyResLayout, anyres_layout
 from vtc.models.hf_vision import HFVisionAdapter
-from vtc.reducers.base import ConnectorReducer, EncoderReducer, Signal, Signals
+from vtc.reducers.base import ConnectorReducer, EncoderReducer, Signals
 from vtc.state import TokenState
 
 

@@ -206,7 +206,7 @@ def test_bad_visual_shape(model: LlamaForCausalLM) -> None:
         site.set_visual(torch.zeros(2, 9, dtype=torch.bool))
         with pytest.raises(ValueError, match=r"\(2, 9\).*\(2, 8\)"):
             model(**inputs)
-        site.set_visual(torch.zeros(1, 8, dtype=torch.bool))
+        site.set_visual(torch.zeros(3, 8, dtype=torch.bool))  # (a batch that divides it is generate's expansion)
         with pytest.raises(ValueError, match="shape"):
             model(**inputs)
     with pytest.raises(ValueError, match="layer 3 is the last"):

@@ -252,6 +252,9 @@ def test_sampling_and_uncached_generation(llava):
         torch.manual_seed(1)
         sampled = model.generate(**inputs, **settings)
         assert sampled.shape == (2, inputs["input_ids"].shape[1] + 5)
+        several = model.generate(**inputs, **settings, num_return_sequences=3)
+        assert several.shape == (6, inputs["input_ids"].shape[1] + 5)
+        assert torch.equal(several[:, : inputs["input_ids"].shape[1]], inputs["input_ids"].repeat_interleave(3, dim=0))
         cached = _generate(model, inputs)
         assert torch.equal(_generate(model, inputs, use_cache=False), cached)
 

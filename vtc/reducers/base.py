@@ -181,3 +181,16 @@ def check_layers(layers: tuple[int, ...], num_layers: int, what: str) -> None:
     bad = [layer for layer in layers if not 0 <= layer < num_layers]
     if bad:
         raise ValueError(f"{what}: layers {bad} do not exist; the model has layers 0..{num_layers - 1}")
+
+
+def check_site(reducer, encoder_option: str | None, at_connector: bool = False) -> None:
+    """Validate a dual-site reducer's ``site`` option; an encoder-only option given (``encoder_option``)
+    is refused where the reducer acts at the connector."""
+    allowed = [s.value for s in reducer.sites]
+    if reducer.site is not None and reducer.site not in allowed:
+        raise ValueError(f"{reducer.name}: site must be one of {', '.join(allowed)}, got {reducer.site!r}")
+    if encoder_option is not None and (at_connector or reducer.site == Site.CONNECTOR.value):
+        raise ValueError(
+            f"{reducer.name}: {encoder_option} is an encoder-site option, but this reducer acts at the connector; "
+            f"add site=encoder to reduce inside the vision tower"
+        )

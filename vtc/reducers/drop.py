@@ -14,8 +14,9 @@ import torch
 
 from vtc.budget import default_drop_layers
 from vtc.merge import keep_tokens, keep_top
-from vtc.reducers.base import ConnectorReducer, EncoderInfo, EncoderReducer, Signal, Signals, Site, check_layers
-from vtc.reducers.pool import check_site
+from vtc.reducers.base import (
+    ConnectorInfo, ConnectorReducer, EncoderInfo, EncoderReducer, Signal, Signals, Site, check_layers, check_site,
+)
 from vtc.state import TokenState
 
 
@@ -146,7 +147,7 @@ class RandomDrop(_DropAtLayers, ConnectorReducer):
         super().__post_init__()
         check_site(self, "layers" if self.layers is not None else None)
 
-    def check_connector(self, info) -> None:
+    def check_connector(self, info: ConnectorInfo) -> None:
         check_site(self, "layers" if self.layers is not None else None, at_connector=True)
         if isinstance(self.tokens, tuple):
             raise ValueError(f"random: one token count per image at the connector, got {self.tokens!r}")

@@ -17,7 +17,9 @@ from typing import ClassVar
 import torch
 
 from vtc.merge import merge_tokens
-from vtc.reducers.base import ConnectorInfo, ConnectorReducer, EncoderInfo, EncoderReducer, Signals, Site, check_layers
+from vtc.reducers.base import (
+    ConnectorInfo, ConnectorReducer, EncoderInfo, EncoderReducer, Signals, Site, check_layers, check_site,
+)
 from vtc.state import TokenState
 
 
@@ -139,15 +141,3 @@ class Pool(EncoderReducer, ConnectorReducer):
         merged = merge_tokens(state, dest, p + out_rows * out_cols, prop_attn)
         return merged.replace(grid=(out_rows, out_cols))
 
-
-def check_site(reducer, encoder_option: str | None, at_connector: bool = False) -> None:
-    """Validate a dual-site reducer's ``site`` option; an encoder-only option given (``encoder_option``)
-    is refused where the reducer acts at the connector."""
-    allowed = [s.value for s in reducer.sites]
-    if reducer.site is not None and reducer.site not in allowed:
-        raise ValueError(f"{reducer.name}: site must be one of {', '.join(allowed)}, got {reducer.site!r}")
-    if encoder_option is not None and (at_connector or reducer.site == Site.CONNECTOR.value):
-        raise ValueError(
-            f"{reducer.name}: {encoder_option} is an encoder-site option, but this reducer acts at the connector; "
-            f"add site=encoder to reduce inside the vision tower"
-        )
