@@ -82,13 +82,18 @@ def test_next_batch_equals_single_runs_with_different_counts(llava_next, spec):
     images = lm.images(3, seed=2, sizes=NEXT_SIZES)
     texts = lm.prompts(3)
     with vtc.apply(model, *spec) as handle:
-        tokens = _generate(model, _inputs(processor, images, texts))
+        batch = _inputs(processor, images, texts)
+        tokens = _generate(model, batch)
         counts = handle.visual_tokens
+        with torch.no_grad():
+            last = model(**batch).logits[:, -1]
         for row in range(3):
             single = _inputs(processor, images[row : row + 1], texts[row : row + 1])
             eos = model.generation_config.eos_token_id
             assert _answer(_generate(model, single)[0], eos) == _answer(tokens[row], eos)
             assert handle.visual_tokens == counts[row : row + 1]
+            with torch.no_grad():
+                torch.testing.assert_close(model(**single).logits[:, -1], last[row : row + 1], atol=1e-4, rtol=1e-4)
     fixed_total = any(s.startswith(("pool", "random")) for s in spec)  # a per-image budget may equalise them
     assert len(set(counts)) > 1 or fixed_total  # the images really carry different token counts
 
@@ -350,3 +355,24 @@ def test_encoder_reducers_refused_where_tokens_cannot_follow(tmp_path_factory):
     model, _ = lm.build_llava(tmp_path_factory.mktemp("next_full"), kind="next", strategy="full")
     with pytest.raises(ValueError, match="LLaVA-NeXT with vision_feature_select_strategy='default' only"):
         vtc.apply(model)
+
+
+def test_right_padded_inputs_generate_as_left_padded(llava):
+    model, processor = llava
+    images, texts = lm.images(2, seed=7), lm.prompts(2)
+    left = _inputs(processor, images, texts)
+    processor.tokenizer.padding_side = "right"
+    try:
+        right = _inputs(processor, images, texts)
+    finally:
+        processor.tokenizer.padding_side = "left"
+    assert not torch.equal(right["attention_mask"], left["attention_mask"])
+    with vtc.apply(model, "random:tokens=6") as handle:
+        assert torch.equal(_generate(model, right), _generate(model, left))  # generate always re-pads left
+        with torch.no_grad():
+            logits = model(**right).logits
+        assert handle.layout.attention_mask[:, 0].all()  # forward keeps the caller's (right) padding
+        ends = handle.layout.attention_mask.sum(dim=1) - 1
+        with torch.no_grad():
+            left_last = model(**left).logits[:, -1]
+        torch.testing.assert_close(logits[torch.arange(2), ends], left_last, atol=1e-4, rtol=1e-4)
