@@ -15,7 +15,8 @@ from vtc.reducers.base import ConnectorReducer, Signal, Site
 
 NEXT_SIZES = [(64, 32), (32, 32), (32, 64)]  # (width, height): 52, 36 and 56 placeholders
 LLAVA_SPECS = [(), ("pool:tokens=4",), ("random:tokens=5",), ("tome:r=2",), ("evit:keep=0.5",),
-               ("tome:r=2", "random:keep=0.5"), ("pool:tokens=8", "exit:layer=1"), ("random:tokens=3,seed=4",)]
+               ("tome:r=2", "random:keep=0.5"), ("pool:tokens=8", "exit:layer=1"), ("random:tokens=3,seed=4",),
+               ("pool:site=encoder,tokens=4", "random:tokens=2")]
 NEXT_SPECS = [(), ("pool:tokens=9",), ("random:tokens=11",), ("tome:r=3",), ("evit:keep=0.6", "random:site=connector,tokens=4"),
               ("tome:r=2", "random:keep=0.3", "exit:layer=2")]
 
@@ -57,23 +58,32 @@ def test_no_reducer_is_bit_identical_to_hf(kind, llava, llava_next):
             assert handle.visual_tokens == (inputs["input_ids"] == model.config.image_token_id).sum(1).tolist()
 
 
+def _assert_batch_equals_singles(model, processor, images, texts, singles) -> list[int]:
+    """The batch's greedy answers, last-position logits and per-image token counts equal those of
+    each prompt run alone (``singles``: (images, [text]) per row); returns the batch's counts."""
+    handle = model.__dict__["_vtc_handle"]
+    batch = _inputs(processor, images, texts)
+    tokens = _generate(model, batch)
+    counts = handle.visual_tokens
+    with torch.no_grad():
+        last = model(**batch).logits[:, -1]
+    eos, first_image = model.generation_config.eos_token_id, 0
+    for row, (imgs, text) in enumerate(singles):
+        single = _inputs(processor, imgs, text)
+        assert _answer(_generate(model, single)[0], eos) == _answer(tokens[row], eos)
+        assert handle.visual_tokens == counts[first_image : first_image + len(imgs)]
+        first_image += len(imgs)
+        with torch.no_grad():
+            torch.testing.assert_close(model(**single).logits[:, -1], last[row : row + 1], atol=1e-4, rtol=1e-4)
+    return counts
+
+
 @pytest.mark.parametrize("spec", LLAVA_SPECS, ids=lambda s: "+".join(s) or "none")
 def test_llava_batch_equals_single_runs(llava, spec):
     model, processor = llava
     images, texts, singles = _mixed_batch(processor)
-    with vtc.apply(model, *spec) as handle:
-        batch = _inputs(processor, images, texts)
-        tokens = _generate(model, batch)
-        batch_counts = handle.visual_tokens
-        with torch.no_grad():
-            last = model(**batch).logits[:, -1]
-        for row, (imgs, text) in enumerate(singles):
-            single = _inputs(processor, imgs, text)
-            eos = model.generation_config.eos_token_id
-            assert _answer(_generate(model, single)[0], eos) == _answer(tokens[row], eos)
-            with torch.no_grad():
-                torch.testing.assert_close(model(**single).logits[:, -1], last[row : row + 1], atol=1e-4, rtol=1e-4)
-    assert len(batch_counts) == 3
+    with vtc.apply(model, *spec):
+        assert len(_assert_batch_equals_singles(model, processor, images, texts, singles)) == 3
 
 
 @pytest.mark.parametrize("spec", NEXT_SPECS, ids=lambda s: "+".join(s) or "none")
@@ -81,25 +91,17 @@ def test_next_batch_equals_single_runs_with_different_counts(llava_next, spec):
     model, processor = llava_next
     images = lm.images(3, seed=2, sizes=NEXT_SIZES)
     texts = lm.prompts(3)
-    with vtc.apply(model, *spec) as handle:
-        batch = _inputs(processor, images, texts)
-        tokens = _generate(model, batch)
-        counts = handle.visual_tokens
-        with torch.no_grad():
-            last = model(**batch).logits[:, -1]
-        for row in range(3):
-            single = _inputs(processor, images[row : row + 1], texts[row : row + 1])
-            eos = model.generation_config.eos_token_id
-            assert _answer(_generate(model, single)[0], eos) == _answer(tokens[row], eos)
-            assert handle.visual_tokens == counts[row : row + 1]
-            with torch.no_grad():
-                torch.testing.assert_close(model(**single).logits[:, -1], last[row : row + 1], atol=1e-4, rtol=1e-4)
+    singles = [(images[row : row + 1], texts[row : row + 1]) for row in range(3)]
+    with vtc.apply(model, *spec):
+        counts = _assert_batch_equals_singles(model, processor, images, texts, singles)
     fixed_total = any(s.startswith(("pool", "random")) for s in spec)  # a per-image budget may equalise them
     assert len(set(counts)) > 1 or fixed_total  # the images really carry different token counts
 
 
 @pytest.mark.parametrize(("spec", "expected"), [("pool:tokens=4", 4), ("random:tokens=5", 5), ("random:keep=0.5", 8),
-                                                ("pool:kernel=2", 4), ("tome:r=2", 12), ("evit:keep=0.5,layers=1", 9)])
+                                                ("pool:kernel=2", 4), ("tome:r=2", 12), ("evit:keep=0.5,layers=1", 9),
+                                                ("random:site=encoder,keep=0.5,layers=1;", 8),
+                                                ("pool:site=encoder,tokens=4,layer=1", 4)])
 def test_llava_reports_the_tokens_the_llm_saw(llava, spec, expected):
     model, processor = llava
     inputs = _inputs(processor, lm.images(2), lm.prompts(2))
