@@ -215,6 +215,13 @@ class LlavaAdapter:
         if kwargs.get("inputs_embeds") is not None:
             raise ValueError("vtc locates image placeholders from input_ids; pass input_ids with pixel_values, not inputs_embeds")
         attention_mask = kwargs.pop("attention_mask", None)
+        config = kwargs.get("generation_config") or self.model.generation_config
+        beams = kwargs.get("num_beams") or config.num_beams or 1
+        if self.decoder is not None and (beams > 1 or kwargs.get("assistant_model") is not None):
+            raise ValueError(
+                f"{self.decoder.reducer.name}: the decoder site keeps per-layer cache maps that beam search and "
+                f"assisted decoding reorder or crop; use greedy or sampling generation with it"
+            )
         if kwargs.get("max_length") is not None and kwargs.get("max_new_tokens") is None:
             # HF counts max_length from the caller's prompt; keep that meaning for the shorter one
             kwargs["max_new_tokens"] = max(1, kwargs.pop("max_length") - input_ids.shape[1])

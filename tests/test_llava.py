@@ -233,6 +233,8 @@ def test_bad_inputs_are_clear_errors(llava, timm_vit):
             model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], pixel_values=extra)
         with pytest.raises(ValueError, match="pass input_ids with pixel_values"):
             model(inputs_embeds=torch.zeros(2, 5, 64), pixel_values=inputs["pixel_values"])
+    with vtc.apply(model, "exit:layer=1"), pytest.raises(ValueError, match="beam search and assisted decoding"):
+        model.generate(**inputs, num_beams=2, max_new_tokens=2)
     with pytest.raises(ValueError, match="exit acts at the decoder site, but a timm model only has the encoder site"):
         vtc.apply(timm_vit("plain"), "exit:layer=1")
 
@@ -252,9 +254,11 @@ def test_sampling_and_uncached_generation(llava):
     settings = dict(max_new_tokens=5, do_sample=True, top_k=20, temperature=1.5)
     torch.manual_seed(0)
     reference = model.generate(**inputs, **settings)
+    beams = model.generate(**inputs, num_beams=2, max_new_tokens=4, do_sample=False)
     with vtc.apply(model):
         torch.manual_seed(0)
         assert torch.equal(model.generate(**inputs, **settings), reference)  # no reducer: HF's samples
+        assert torch.equal(model.generate(**inputs, num_beams=2, max_new_tokens=4, do_sample=False), beams)
     with vtc.apply(model, "tome:r=2", "random:tokens=6", "exit:layer=2"):
         torch.manual_seed(1)
         sampled = model.generate(**inputs, **settings)
