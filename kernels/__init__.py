@@ -1,11 +1,15 @@
 """Tensor-only kernels behind vtc's merging reducers (installed as ``vtc.kernels``).
 
-Each op has a PyTorch reference here; fused Triton versions and the dispatch rule between
-them are added beside these references (DESIGN.md "Kernels"). Kernels know tensors only:
-no TokenState, no reducer, no model.
+Each op has a PyTorch reference and a Triton kernel side by side, and one dispatch rule between
+them (``dispatch.py``; DESIGN.md "Kernels"). Kernels know tensors only: no TokenState, no
+reducer, no model.
 """
 
-from .matching import bipartite_match
-from .merge import merge_weighted
+from .dispatch import BACKENDS, triton_available, use_backend
+from .matching import bipartite_match, bipartite_match_reference
+from .merge import merge_weighted, merge_weighted_reference
 
-__all__ = ["bipartite_match", "merge_weighted"]
+__all__ = [
+    "BACKENDS", "bipartite_match", "bipartite_match_reference", "merge_weighted", "merge_weighted_reference",
+    "triton_available", "use_backend",
+]

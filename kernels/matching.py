@@ -1,14 +1,36 @@
 """Bipartite best-match search: the per-row max/argmax of ToMe's cosine-similarity matrix.
 
-Reference implementation in PyTorch (spec tome.md, section b, step 2.1-2.6).
+:func:`bipartite_match` dispatches (``vtc.kernels.dispatch``) between the fused Triton kernel
+(``matching_triton``) and the PyTorch reference here (spec tome.md, section b, step 2.1-2.6).
 """
 
 from __future__ import annotations
 
 import torch
 
+from vtc.kernels.dispatch import interpreting, use_triton
+
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
 
 def bipartite_match(
+    metric: torch.Tensor,
+    n_prefix: int = 0,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best partner in set B (odd positions) for every token of set A (even positions); see
+    :func:`bipartite_match_reference` for the contract. Triton serves float16/bfloat16/float32
+    (float32 scores either way); other dtypes always take the reference."""
+    if metric.dim() != 3:
+        raise ValueError(f"metric must be (B, N, D), got shape {tuple(metric.shape)}")
+    if metric.dtype in TRITON_DTYPES and use_triton(metric):
+        from vtc.kernels.matching_triton import bipartite_match_triton
+
+        return bipartite_match_triton(metric, n_prefix, valid, interpreting())
+    return bipartite_match_reference(metric, n_prefix, valid)
+
+
+def bipartite_match_reference(
     metric: torch.Tensor,
     n_prefix: int = 0,
     valid: torch.Tensor | None = None,

@@ -31,32 +31,73 @@ def bipartite_soft_matching(
 
     Returns ``(dest, n_out)`` with ``n_out = N - r``.
     """
-    batch, n = metric.shape[:2]
+    n = metric.shape[1]
     if r < 0 or r > merge_capacity(n, n_prefix):
         raise ValueError(
             f"r={r} is outside what one bipartite step can remove from {n} tokens with "
             f"{n_prefix} protected: 0 <= r <= {merge_capacity(n, n_prefix)}"
         )
-    device = metric.device
     score, partner = bipartite_match(metric, n_prefix, valid)
-    n_a, n_b = score.shape[1], n // 2
-    prefix_a, prefix_b = (n_prefix + 1) // 2, n_prefix // 2
-    src = score.argsort(dim=-1, descending=True, stable=True)[:, :r]
-    is_src = torch.zeros(batch, n_a, dtype=torch.bool, device=device).scatter_(1, src, True)
+    rank = _rank(score)
+    dest, _ = _destinations(rank < r, partner, n, n_prefix, valid)
+    return dest, n - r
 
+
+def bipartite_threshold_matching(
+    metric: torch.Tensor, threshold: float, n_prefix: int, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """DyMU's thresholded matching (dymu.md B.1 step 4, B.4): in every image each A token whose
+    best edge scores strictly above ``threshold`` merges into its partner, at most
+    ``(valid tokens - n_prefix) // 2`` per image (the best edges first), so images keep
+    different token counts. Real tokens come first in ToMe's order, padding after them.
+
+    Returns ``(dest, real, n_out)``: the destination map, (B,) real tokens per image afterwards
+    and the padded width ``n_out`` (pass ``real`` to :func:`merge_tokens`).
+    """
+    n = metric.shape[1]
+    score, partner = bipartite_match(metric, n_prefix, valid)
+    present = n if valid is None else valid.sum(dim=1, keepdim=True)
+    cap = torch.clamp((torch.as_tensor(present, device=metric.device) - n_prefix) // 2, min=0)
+    is_src = (score > threshold) & (_rank(score) < cap)
+    dest, real = _destinations(is_src, partner, n, n_prefix, valid)
+    return dest, real, n - int(is_src.sum(dim=1).min())
+
+
+def _rank(score: torch.Tensor) -> torch.Tensor:
+    """Position of every A row when sorted by decreasing score (ties: lower index first)."""
+    order = score.argsort(dim=-1, descending=True, stable=True)
+    return torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+
+
+def _destinations(
+    is_src: torch.Tensor, partner: torch.Tensor, n: int, n_prefix: int, valid: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The destination map of a bipartite step: ``[prefix, kept A, B]`` for real tokens (ToMe's
+    order), each padding token in its own slot after them, sources into their partners' slots.
+    Returns it with the (B,) count of real output tokens."""
+    batch, n_a = is_src.shape
+    n_b, device = n // 2, is_src.device
+    prefix_a, prefix_b = (n_prefix + 1) // 2, n_prefix // 2
     a_index = torch.arange(n_a, device=device)
     b_index = torch.arange(n_b, device=device)
-    kept_a = ~is_src & (a_index >= prefix_a)
-    n_kept_a = n_a - prefix_a - r
+    real = torch.ones(batch, n, dtype=torch.bool, device=device) if valid is None else valid.bool()
+    real_a = real[:, 0::2] & (a_index >= prefix_a)
+    real_b = real[:, 1::2] & (b_index >= prefix_b)
+    kept_a = real_a & ~is_src
+    n_kept_a = kept_a.sum(dim=1, keepdim=True)
+    n_real = n_prefix + n_kept_a + real_b.sum(dim=1, keepdim=True)
+    padding = ~real
+    padding[:, :n_prefix] = False
+    pad_slot = n_real + padding.cumsum(dim=1) - 1
     dest_a = torch.where(a_index < prefix_a, 2 * a_index, n_prefix + kept_a.cumsum(dim=1) - 1)
-    dest_b = torch.where(b_index < prefix_b, 2 * b_index + 1, n_prefix + n_kept_a + b_index - prefix_b)
-    dest_b = dest_b.expand(batch, n_b)
+    dest_b = torch.where(b_index < prefix_b, 2 * b_index + 1, n_prefix + n_kept_a + real_b.cumsum(dim=1) - 1)
+    dest_a = torch.where(padding[:, 0::2], pad_slot[:, 0::2], dest_a)
+    dest_b = torch.where(padding[:, 1::2], pad_slot[:, 1::2], dest_b)
     dest_a = torch.where(is_src, dest_b.gather(1, partner), dest_a)
-
     dest = torch.empty(batch, n, dtype=torch.long, device=device)
     dest[:, 0::2] = dest_a
     dest[:, 1::2] = dest_b
-    return dest, n - r
+    return dest, n_real[:, 0]
 
 
 def remap_origin(origin: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
@@ -65,16 +106,22 @@ def remap_origin(origin: torch.Tensor, dest: torch.Tensor) -> torch.Tensor:
     return torch.where(origin >= 0, mapped, torch.full_like(mapped, -1))
 
 
-def merge_tokens(state: TokenState, dest: torch.Tensor, n_out: int, prop_attn: bool) -> TokenState:
+def merge_tokens(
+    state: TokenState, dest: torch.Tensor, n_out: int, prop_attn: bool, real: torch.Tensor | None = None
+) -> TokenState:
     """Size-weighted merge of every token into its destination (no token is dropped).
 
     Sizes add up, so ``sum(size)`` and ``sum(size * x)`` are conserved. Raster order is lost.
+    ``real`` (B,): per-image counts of real output tokens (the first slots; the rest is padding).
     """
     x, size = merge_weighted(state.x, state.size, dest, n_out)
     valid = None
-    if state.valid is not None:
+    if state.valid is not None or (real is not None and bool((real < n_out).any())):
+        source = state.valid if state.valid is not None else torch.ones_like(dest, dtype=torch.bool)
         valid = torch.zeros(dest.shape[0], n_out, dtype=torch.bool, device=dest.device)
-        valid.scatter_(1, dest, state.valid)
+        valid.scatter_(1, dest, source)
+        if real is not None:
+            valid &= torch.arange(n_out, device=dest.device) < real[:, None]
     return state.replace(
         x=x, size=size, origin=remap_origin(state.origin, dest), valid=valid, grid=None,
         prop_attn=state.prop_attn or prop_attn,
