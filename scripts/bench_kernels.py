@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-from vtc.cli import OutputDirError, output_dir
+from vtc.cli import prepare_output
 from vtc.kernels import merge_weighted, triton_available, use_backend
 from vtc.measure import time_calls
 from vtc.merge import bipartite_soft_matching
@@ -87,13 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_kernels"))
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
-    try:
-        out, note = output_dir(args.out, args.overwrite)
-    except OutputDirError as error:
-        print(f"bench_kernels: {error}", file=sys.stderr)
-        return 2
-    if note:
-        print(note, file=sys.stderr)
+    out = prepare_output(parser, args.out, args.overwrite)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     fused = device.type == "cuda" and triton_available()
     peak = peak_gbs(device, args.peak_gbs)
@@ -131,7 +124,6 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     setting = f"{name}, {args.dtype}, r = {args.r_fraction} N, {args.warmup} warm-up + {args.repeats} interleaved repeats"
-    out.mkdir(parents=True, exist_ok=True)
     (out / "bench_kernels.json").write_text(json.dumps({"setting": setting, "rows": rows}, indent=2))
     print(setting)
     return 0

@@ -27,13 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
 import vtc
-from vtc.cli import OutputDirError, output_dir
+from vtc.cli import prepare_output
 from vtc.measure_vlm import profile, time_stages
 
 SHAPES = {
@@ -112,15 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        out, note = output_dir(args.out, args.overwrite)
-    except OutputDirError as error:
-        print(f"bench_llava: {error}", file=sys.stderr)
-        return 2
-    if note:
-        print(note, file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = prepare_output(parser, args.out, args.overwrite)
     if args.threads:
         torch.set_num_threads(args.threads)
     model = build_model(args.shape, getattr(torch, args.dtype), args.device, args.seed)

@@ -55,6 +55,19 @@ def output_dir(path: Path, overwrite: bool) -> tuple[Path, str | None]:
                        f"(pass --overwrite to write into {path} itself)")
 
 
+def prepare_output(parser: argparse.ArgumentParser, path: Path, overwrite: bool) -> Path:
+    """:func:`output_dir` for a script: a bad ``--out`` is a usage error, the note goes to stderr,
+    and the folder is created."""
+    try:
+        out, note = output_dir(path, overwrite)
+    except OutputDirError as error:
+        parser.error(str(error))
+    if note:
+        print(note, file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def add_demo_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "demo",
