@@ -16,7 +16,9 @@ Position ids follow ``positions="contiguous"`` (default) or ``"original"`` (``vt
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -185,7 +187,7 @@ class LlavaAdapter:
             position_ids = position_ids.gather(1, layout.source.clamp_min(0))
         elif self.positions == "original":
             position_ids = layout.position_ids
-        with self._visual_for_decoder(layout):
+        with self.decoder_visual(layout):
             return original(input_ids=None, inputs_embeds=layout.inputs_embeds, attention_mask=layout.attention_mask,
                             position_ids=position_ids, **kwargs)
 
@@ -229,7 +231,7 @@ class LlavaAdapter:
         layout = self.build_inputs(input_ids, attention_mask, visual, "left")
         if self.positions == "original":
             kwargs["position_ids"] = layout.position_ids
-        with self._visual_for_decoder(layout):
+        with self.decoder_visual(layout):
             out = original(input_ids=layout.input_ids, inputs_embeds=layout.inputs_embeds,
                            attention_mask=layout.attention_mask, **kwargs)
         sequences = out if isinstance(out, torch.Tensor) else out.sequences
@@ -240,21 +242,14 @@ class LlavaAdapter:
         out.sequences = full
         return out
 
-    def _visual_for_decoder(self, layout: Assembled):
-        return _DecoderVisual(self.decoder, layout.visual)
-
-
-class _DecoderVisual:
-    """Tell the decoder site which tokens are visual for the duration of one call."""
-
-    def __init__(self, decoder, visual: torch.Tensor) -> None:
-        self.decoder, self.visual = decoder, visual
-
-    def __enter__(self) -> None:
-        if self.decoder is not None:
-            self.decoder.set_visual(self.visual)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.decoder is not None:
+    @contextlib.contextmanager
+    def decoder_visual(self, layout: Assembled) -> Iterator[None]:
+        """Tell the decoder site which tokens of ``layout`` are visual for the duration of a call."""
+        if self.decoder is None:
+            yield
+            return
+        self.decoder.set_visual(layout.visual)
+        try:
+            yield
+        finally:
             self.decoder.set_visual(None)
-

@@ -84,6 +84,21 @@ def anchors_of(origin: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return first.scatter_reduce(1, origin.clamp_min(0), position, "amin")
 
 
+def anchor_order(state: TokenState, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per row, the real tokens of ``x`` (the state's tokens, possibly projected) sorted by their
+    anchor (first slot they cover), and those anchors."""
+    slots = state.origin.shape[1]
+    anchors = anchors_of(state.origin, x.shape[1])
+    real = anchors < slots
+    if state.valid is not None:
+        real &= state.valid
+    order = anchors.masked_fill(~real, slots).argsort(dim=1)
+    x = x.gather(1, order[..., None].expand_as(x))
+    anchors = anchors.gather(1, order)
+    counts = real.sum(dim=1).tolist()
+    return [x[row, :count] for row, count in enumerate(counts)], [anchors[row, :count] for row, count in enumerate(counts)]
+
+
 def drop_leading(state: TokenState, count: int, n_prefix: int) -> TokenState:
     """The state without its first ``count`` tokens and slots (the CLS token under "default")."""
     if count == 0:
@@ -175,15 +190,7 @@ class VisualPipeline:
             counts = state.valid.sum(dim=1).tolist() if state.valid is not None else [state.x.shape[1]] * state.x.shape[0]
             state = self._reduce(state, signals, [self.connector.target(n - state.n_prefix) for n in counts])
         x = self._project(state.x) if self.connector is None or self.connector.before_projector else state.x
-        anchors = anchors_of(state.origin, x.shape[1])
-        features, kept_anchors = [], []
-        for row in range(x.shape[0]):
-            real = anchors[row] < state.origin.shape[1]
-            if state.valid is not None:
-                real &= state.valid[row]
-            order = anchors[row].masked_fill(~real, state.origin.shape[1]).argsort()[: int(real.sum())]
-            features.append(x[row, order])
-            kept_anchors.append(anchors[row, order])
+        features, kept_anchors = anchor_order(state, x)
         return VisualTokens(features, kept_anchors, [state.origin.shape[1]] * x.shape[0])
 
     # ----- LLaVA-NeXT ----------------------------------------------------------------------------
@@ -208,7 +215,9 @@ class VisualPipeline:
             tiles = _take_tiles(state, start, n)
             layout = anyres_layout(size, pinpoints, tile, side, n)
             views = self._next_views(tiles, layout, signals, start)
-            feats, anchor = self._pack_next(views, layout, newline, project_first)
+            if not project_first:
+                views = [view.replace(x=self._project(view.x)) for view in views]
+            feats, anchor = self._pack_next(views, layout, newline)
             features.append(feats)
             anchors.append(anchor)
             placeholders.append(layout.num_placeholders)
@@ -233,44 +242,28 @@ class VisualPipeline:
             reduced.append(self._reduce(view, view_signals, [share]) if share < view.x.shape[1] else view)
         return reduced
 
-    def _pack_next(self, views: list[TokenState], layout: AnyResLayout, newline: torch.Tensor,
-                   projected: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        pieces, anchors = [], []
-        base = views[0]
-        base_anchor = anchors_of(base.origin, base.x.shape[1])[0]
-        order = base_anchor.argsort()
-        pieces.append(base.x[0, order])
-        anchors.append(base_anchor[order])
-        newline_feature = newline[None].to(base.x.dtype)
+    @staticmethod
+    def _pack_next(views: list[TokenState], layout: AnyResLayout, newline: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Base-view tokens, then the map's tokens with ``newline`` after each row that keeps one;
+        with the placeholder index (anchor) of every output token."""
+        (base,), (base_anchor,) = anchor_order(views[0], views[0].x)
+        newline = newline.to(base.dtype)
         if layout.hires is None:
-            pieces.append(newline_feature)
-            anchors.append(torch.tensor([layout.base_tokens], device=base.x.device))
-        else:
-            hires = views[1]
-            cols = layout.hires.shape[1]
-            slot = anchors_of(hires.origin, hires.x.shape[1])[0]
-            order = slot.argsort()
-            slot, x = slot[order], hires.x[0, order]
-            row = slot // cols
-            row_end = torch.ones_like(row, dtype=torch.bool)
-            row_end[:-1] = row[1:] != row[:-1]
-            place = layout.hires_placeholder(slot)
-            # each row's tokens, then a newline at that row's newline placeholder
-            ends = row_end.nonzero()[:, 0]
-            stream = torch.cat([torch.arange(x.shape[0], device=x.device), ends], dim=0)
-            key = torch.cat([2 * torch.arange(x.shape[0], device=x.device), 2 * ends + 1])
-            stream = stream[key.argsort()]
-            is_newline = torch.cat([torch.zeros(x.shape[0], dtype=torch.bool, device=x.device),
-                                    torch.ones(ends.numel(), dtype=torch.bool, device=x.device)])[key.argsort()]
-            if not projected:
-                x = self._project(x)
-            newline_rows = newline_feature.expand(x.shape[0], -1)
-            pieces.append(torch.where(is_newline[:, None], newline_rows[stream], x[stream]))
-            newline_place = layout.base_tokens + row * (cols + 1) + cols
-            anchors.append(torch.where(is_newline, newline_place[stream], place[stream]))
-        if not projected:
-            pieces[0] = self._project(pieces[0])
-        return torch.cat(pieces, dim=0), torch.cat(anchors, dim=0)
+            end = torch.tensor([layout.base_tokens], device=base.device)
+            return torch.cat([base, newline[None]]), torch.cat([base_anchor, end])
+        (x,), (slot,) = anchor_order(views[1], views[1].x)
+        cols = layout.hires.shape[1]
+        row = slot // cols
+        row_end = torch.ones_like(row, dtype=torch.bool)
+        row_end[:-1] = row[1:] != row[:-1]
+        token_at = torch.arange(x.shape[0], device=x.device) + row_end.cumsum(0) - row_end.long()  # after earlier newlines
+        newline_at = token_at[row_end] + 1
+        packed = x.new_empty(x.shape[0] + newline_at.numel(), x.shape[1])
+        packed[token_at], packed[newline_at] = x, newline
+        anchor = slot.new_empty(packed.shape[0])
+        anchor[token_at] = layout.hires_placeholder(slot)
+        anchor[newline_at] = layout.base_tokens + row[row_end] * (cols + 1) + cols
+        return torch.cat([base, packed]), torch.cat([base_anchor, anchor])
 
 
 def _take_tiles(state: TokenState, start: int, count: int) -> TokenState:

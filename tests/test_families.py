@@ -1,6 +1,7 @@
 """Properties every adapted family must have (open_clip and HF towers; timm is in test_apply.py):
 zero budgets and no-op pooling are bit-identical, remove() restores, a batch equals single runs,
-fp16/bf16 give no NaN, and token counts follow the plan. Models come from families.py."""
+fp16/bf16 give no NaN, token counts follow the plan, and merging exact duplicates is lossless.
+Models come from families.py."""
 
 from __future__ import annotations
 
@@ -45,3 +46,13 @@ def test_low_precision_runs_without_nan(models, family, spec, dtype):
 @pytest.mark.parametrize("family, spec", CASES)
 def test_token_counts_follow_the_plan(models, family, spec):
     fam.check_token_counts(models.get(family.name), family, spec)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=str)
+def test_merging_exact_duplicates_is_lossless(models, family):
+    """ToMe f.7 through every pooling: CLS, size-weighted average, the attentional pooler's and
+    SigLIP's head's log(size) key bias."""
+    diff, reference = fam.check_exactness(models, family, prop_attn=True)
+    assert diff < 1e-7 * max(1.0, reference.abs().max().item())
+    diff, _ = fam.check_exactness(models, family, prop_attn=False)
+    assert diff > 1e-4, "without proportional attention the merged duplicates must be under-weighted"

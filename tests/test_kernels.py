@@ -50,3 +50,21 @@ def test_triton_kernels_match_their_references_in_the_interpreter():
         cwd=tests.parent, env=env, capture_output=True, text=True, timeout=900,
     )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+
+
+def test_bench_kernels_formulations_agree():
+    """scripts/bench_kernels.py times ToMe's formulation against vtc's step: same tokens, other order."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "scripts" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    x = torch.randn(3, 197, 16, dtype=torch.float64)
+    size = torch.rand(3, 197, dtype=torch.float64) + 0.5
+    (tome_x, tome_size), (vtc_x, vtc_size) = bench.tome_step(x, size, 24), bench.vtc_step(x, size, 24)
+    assert tome_x.shape == vtc_x.shape == (3, 173, 16)
+    order_t, order_v = tome_size.argsort(dim=1), vtc_size.argsort(dim=1)  # sizes are distinct: a token key
+    torch.testing.assert_close(tome_size.gather(1, order_t), vtc_size.gather(1, order_v))
+    torch.testing.assert_close(tome_x.gather(1, order_t[..., None].expand_as(tome_x)),
+                               vtc_x.gather(1, order_v[..., None].expand_as(vtc_x)))

@@ -126,15 +126,6 @@ def test_average_pooling_is_size_weighted(models, spec):
     assert not torch.allclose(out, plain @ visual.proj, atol=1e-4)
 
 
-@pytest.mark.parametrize("family", FAMILIES, ids=str)
-def test_merging_exact_duplicates_is_lossless(models, family):
-    """ToMe f.7: CLS pooling, size-weighted avg pooling and the attentional pooler's key bias."""
-    diff, reference = fam.check_exactness(models, family, prop_attn=True)
-    assert diff < 1e-7 * max(1.0, reference.abs().max().item())
-    diff, _ = fam.check_exactness(models, family, prop_attn=False)
-    assert diff > 1e-4, "without proportional attention the merged duplicates must be under-weighted"
-
-
 def test_attentional_pool_outputs_are_not_mistaken_for_tokens():
     model = _tiny_clip(attentional_pool=True, attn_pooler_queries=33, attn_pooler_heads=2, pool_type="avg")
     visual = model.visual

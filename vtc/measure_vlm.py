@@ -123,7 +123,7 @@ def stage_calls(model: nn.Module, inputs: dict, new_tokens: int) -> StageCalls:
         adapter = _adapter(model)
         layout = adapter.build_inputs(inputs["input_ids"], inputs.get("attention_mask"), vision(), "left")
         position_ids = layout.position_ids if adapter.positions == "original" else None
-        with adapter._visual_for_decoder(layout):
+        with adapter.decoder_visual(layout):
             return model(inputs_embeds=layout.inputs_embeds, attention_mask=layout.attention_mask,
                          position_ids=position_ids, use_cache=True, logits_to_keep=1)
 
