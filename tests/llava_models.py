@@ -18,7 +18,6 @@ from PIL import Image
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
 GRID_PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]  # (height, width)
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 _BUILD_FILE = "vtc_build.json"
 
 WORDS = (
@@ -34,25 +33,9 @@ WORDS = (
 
 def build_tokenizer() -> Any:
     """WordLevel tokenizer (special tokens + ~100 words), wrapped in PreTrainedTokenizerFast."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from vtc.models.shapes_llava import word_tokenizer
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
-        padding_side="left",
-    )
+    return word_tokenizer(WORDS)
 
 
 def _vision_config(vision: str) -> Any:

@@ -1,8 +1,9 @@
 """The ``vtc`` command line. Subcommands: ``demo``.
 
-    vtc demo                      # a few minutes on a laptop CPU, random weights
-    vtc demo --quick --out tmp    # under a minute, tiny models
-    vtc demo --pretrained         # real weights from the hub (needs internet once)
+    vtc demo                                   # shapes benchmark on the shipped trained models (offline)
+    vtc demo --quick --out tmp                 # the same on 40 examples and 3 budgets
+    vtc demo --models timm,open_clip           # ViTs on sample images, random weights
+    vtc demo --models timm --pretrained        # real weights from the hub (needs internet once)
 """
 
 from __future__ import annotations
@@ -71,39 +72,43 @@ def prepare_output(parser: argparse.ArgumentParser, path: Path, overwrite: bool)
 def add_demo_parser(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser(
         "demo",
-        help="compare ToMe, EViT, random drop and pooling on a timm and an open_clip ViT",
+        help="every reducer at several token budgets on the shipped shapes models (or on timm / open_clip ViTs)",
         description=(
-            "Run ToMe, EViT, random drop and pooling at a few budgets on a timm vit_small_patch16_224 and an "
-            "open_clip ViT-B-32 over sample images bundled with scikit-image. Prints per budget the tokens per "
-            "layer, GFLOPs and FLOPs ratio, measured throughput and speedup (timed interleaved with the unreduced "
-            "model) and fidelity to the unreduced model (top-1 agreement and KL for timm logits, cosine for CLIP "
-            "image embeddings). Writes results.csv and one merge picture per reducer family (first image). "
-            "Weights are random unless --pretrained is given; with random weights the fidelity columns show "
-            "only the mechanics, not accuracy."
+            "Default: the shapes benchmark on the checkpoints shipped with vtc (shapes-vit, a timm ViT classifier, "
+            "and shapes-llava, an HF LLaVA), offline. For ToMe, EViT, random drop and pooling at budgets of 256/128/"
+            "64/32/16 visual tokens it prints test accuracy per question type, agreement with the unreduced model, "
+            "GFLOPs and speedup (timed interleaved with the unreduced model), and writes shapes.csv and pareto.png. "
+            "With --models timm,open_clip: a timm vit_small_patch16_224 and an open_clip ViT-B-32 over sample images "
+            "bundled with scikit-image (tokens per layer, GFLOPs, throughput, fidelity: top-1 agreement and KL for "
+            "timm logits, cosine for CLIP embeddings), results.csv and one merge picture per reducer family; their "
+            "weights are random unless --pretrained is given, so fidelity then shows only the mechanics."
         ),
     )
     parser.add_argument("--out", metavar="DIR", type=Path, default=Path("outputs/demo"),
-                        help="folder for results.csv and the PNG pictures (default: ./outputs/demo). If it exists "
+                        help="folder for shapes.csv / pareto.png or results.csv and the PNG pictures (default: ./outputs/demo). If it exists "
                              "and is not empty, a new run-<timestamp> subfolder is used unless --overwrite.")
     parser.add_argument("--overwrite", action="store_true",
-                        help="write into a non-empty --out, replacing results.csv / input.png / groups_*.png there "
+                        help="write into a non-empty --out, replacing shapes.csv / pareto.png / results.csv / input.png / groups_*.png there "
                              "(other files are left alone)")
     parser.add_argument("--pretrained", action="store_true",
                         help="load real weights (timm vit_small_patch16_224 augreg, open_clip ViT-B-32 "
                              "laion2b_s34b_b79k) from the Hugging Face hub; needs internet on first use")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny 6-block models, one budget per reducer family, batch 4, 1 repeat: "
-                             "under a minute, for smoke tests (timings are rough)")
+                        help="smoke test, timings rough: shapes on 40 examples at budgets 256/64/16; timm / open_clip as tiny "
+                             "6-block models with one budget per reducer family; batch 4, 1 repeat")
     parser.add_argument("--batch", metavar="N", type=positive_int, default=None,
-                        help="images per forward (default 8, or 4 with --quick); beyond the 8 bundled images "
-                             "mirrored copies are used")
+                        help="images per timed forward (default 8, or 4 with --quick); beyond the 8 bundled sample "
+                             "images mirrored copies are used")
     parser.add_argument("--repeats", metavar="N", type=positive_int, default=None,
                         help="timed forwards per model and budget, after one warm-up (default 3, or 1 with --quick)")
     parser.add_argument("--reducer", dest="reducers", action="append", type=reducer_spec, metavar="SPEC",
                         help="reducer spec to measure instead of the built-in budgets, e.g. 'tome:r=13' or "
                              "'evit:keep=0.7' (repeatable; each must fit every model in --models)")
-    parser.add_argument("--models", metavar="LIST", default="timm,open_clip",
-                        help="comma-separated models to run: timm, open_clip (default: both)")
+    parser.add_argument("--models", metavar="LIST", default="shapes-vit,shapes-llava",
+                        help="comma-separated models to run: shapes-vit, shapes-llava (the shipped trained "
+                             "checkpoints, the default) and/or timm, open_clip (sample images)")
+    parser.add_argument("--examples", metavar="N", type=positive_int, default=None,
+                        help="shapes test examples to score (default 500, or 40 with --quick)")
     parser.add_argument("--device", metavar="DEV", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(handler=run_demo)
@@ -126,6 +131,9 @@ def run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                      f"choose from {', '.join(MODELS)}")
     if args.quick and args.pretrained:
         parser.error("--quick uses tiny models without pretrained weights; use one of --quick and --pretrained")
+    if args.pretrained and any(m.startswith("shapes-") for m in models):
+        parser.error("--pretrained loads hub weights for timm / open_clip; the shapes models are shipped trained "
+                     "(pass --models timm,open_clip)")
     try:
         out_dir, note = output_dir(args.out, args.overwrite)
     except OutputDirError as error:
@@ -136,6 +144,7 @@ def run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         out_dir=out_dir, quick=args.quick, pretrained=args.pretrained,
         batch=args.batch or (4 if args.quick else 8), repeats=args.repeats or (1 if args.quick else 3),
         reducers=args.reducers, models=models, device=args.device, progress=not args.no_progress,
+        examples=args.examples,
     )
     try:
         run(options)

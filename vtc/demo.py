@@ -1,5 +1,10 @@
-"""The work behind ``vtc demo``: reducers side by side on a timm ViT and an open_clip ViT.
+"""The work behind ``vtc demo``.
 
+By default it runs the shapes benchmark (:mod:`vtc.shapes_benchmark`) on the checkpoints shipped
+with vtc (``shapes-vit``, ``shapes-llava``): accuracy per question type, fidelity, FLOPs and latency
+for every reducer at several visual-token budgets, a CSV and a Pareto plot. Nothing is downloaded.
+
+With ``--models timm,open_clip`` it runs reducers side by side on a timm ViT and an open_clip ViT.
 Sample images ship inside scikit-image (nothing is downloaded). Models get random weights unless
 ``pretrained`` is asked for, so by default the fidelity columns show the mechanics only. Each
 reducer budget is measured with :func:`vtc.measure.compare` (interleaved timing against an
@@ -28,7 +33,10 @@ from vtc.viz import save_groups
 # Colour images bundled inside the scikit-image package (checked to load without pooch/network).
 SAMPLE_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field",
                  "retina", "stereo_motorcycle")
-MODELS = ("timm", "open_clip")
+SHAPES_MODELS = ("shapes-vit", "shapes-llava")
+SAMPLE_MODELS = ("timm", "open_clip")
+MODELS = SHAPES_MODELS + SAMPLE_MODELS
+QUICK_BUDGETS = (256, 64, 16)
 
 # Budgets per model: ViT-S/16 has 197 tokens, ViT-B/32 only 50 (so far smaller ToMe r).
 DEFAULT_SPECS = {
@@ -58,7 +66,8 @@ class DemoOptions:
     repeats: int = 3
     warmup: int = 1
     reducers: Sequence[str] | None = None  # replaces the default budgets for every model
-    models: Sequence[str] = MODELS
+    models: Sequence[str] = SHAPES_MODELS
+    examples: int | None = None  # shapes test examples (default 500, or 40 with quick)
     device: str = "cpu"
     seed: int = 0
     progress: bool = True
@@ -109,8 +118,11 @@ class Row:
 @dataclass
 class DemoResult:
     rows: list[Row]
-    csv_path: Path
+    csv_path: Path | None
     pictures: list[Path] = field(default_factory=list)
+    shapes_rows: list = field(default_factory=list)
+    shapes_csv: Path | None = None
+    pareto: Path | None = None
 
 
 # ----- images --------------------------------------------------------------------------------------
@@ -198,13 +210,10 @@ def build_open_clip(quick: bool, pretrained: bool) -> Case:
 
 def build_cases(options: DemoOptions) -> list[Case]:
     builders = {"timm": build_timm, "open_clip": build_open_clip}
-    unknown = [m for m in options.models if m not in builders]
-    if unknown or not options.models:
-        raise DemoError(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
     cases = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options.seed)
-        for family in options.models:
+        for family in [m for m in options.models if m in builders]:
             case = builders[family](options.quick, options.pretrained)
             try:
                 case.model.to(options.device)
@@ -314,12 +323,53 @@ def write_csv(rows: Sequence[Row], path: Path) -> Path:
     return path
 
 
+def run_shapes(options: DemoOptions, echo: Callable[[str], None]) -> tuple[list, Path, Path]:
+    """The shapes benchmark on the shipped checkpoints chosen in ``options.models``."""
+    from vtc import shapes_benchmark as bench
+
+    models = [m for m in options.models if m in SHAPES_MODELS]
+    bench_options = bench.BenchmarkOptions(
+        examples=options.examples or (40 if options.quick else 500),
+        budgets=QUICK_BUDGETS if options.quick else bench.BUDGETS,
+        reducers=() if options.reducers else bench.REDUCERS, extra_specs=list(options.reducers or ()),
+        models=models, timing_batch=options.batch, repeats=options.repeats, progress=options.progress)
+    echo(f"vtc demo: shapes benchmark on {', '.join(models)}: the first {bench_options.examples} test examples, "
+         f"budgets {'/'.join(map(str, bench_options.budgets))} visual tokens of 256, timing batch {options.batch}, "
+         f"{options.repeats} timed repeats interleaved with the unreduced model, {torch.get_num_threads()} CPU threads")
+    try:
+        rows = bench.run(bench_options)
+    except (TypeError, ValueError, FileNotFoundError) as error:
+        raise DemoError(f"shapes benchmark: {error}") from error
+    echo("accuracy: exact match (VLM) or top-1 (classifier) on the test split; agree: same prediction as the "
+         "unreduced model; GFLOPs per image (vision + prefill for the VLM); speedup: timed side by side")
+    echo(bench.format_table(rows))
+    return rows, bench.write_csv(rows, options.out_dir / "shapes.csv"), bench.plot_pareto(rows, options.out_dir / "pareto.png")
+
+
 def run(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoResult:
-    """Build the models, measure every budget, print the tables, write the CSV and pictures."""
+    """Run the shapes benchmark and/or the sample-image comparison, print tables, write CSVs and pictures."""
+    unknown = [m for m in options.models if m not in MODELS]
+    if unknown or not options.models:
+        raise DemoError(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    if options.pretrained and any(m in SHAPES_MODELS for m in options.models):
+        raise DemoError("--pretrained loads hub weights for timm / open_clip; the shapes models are shipped "
+                        "trained: pass --models timm,open_clip with --pretrained")
     if options.quick and options.pretrained:
         raise DemoError("--quick uses tiny models that have no pretrained weights; drop one of --quick/--pretrained")
     if options.batch < 1 or options.repeats < 1 or options.warmup < 0:
         raise DemoError("batch and repeats must be >= 1 and warmup >= 0")
+    result = DemoResult([], None)
+    if any(m in SHAPES_MODELS for m in options.models):
+        options.out_dir.mkdir(parents=True, exist_ok=True)
+        result.shapes_rows, result.shapes_csv, result.pareto = run_shapes(options, echo)
+        echo(f"\nwrote {result.shapes_csv}\nwrote {result.pareto}")
+    if any(m in SAMPLE_MODELS for m in options.models):
+        result.rows, result.csv_path, result.pictures = run_samples(options, echo)
+    return result
+
+
+def run_samples(options: DemoOptions, echo: Callable[[str], None]) -> tuple[list[Row], Path, list[Path]]:
+    """Reducers side by side on a timm and/or open_clip ViT over scikit-image samples."""
     cases = build_cases(options)
     check_specs(cases)
     images = load_samples(options.batch)
@@ -349,4 +399,4 @@ def run(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoResult
     echo(f"\nwrote {csv_path}")
     for path in pictures:
         echo(f"wrote {path}")
-    return DemoResult(rows, csv_path, pictures)
+    return rows, csv_path, pictures

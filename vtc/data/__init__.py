@@ -1,0 +1,1 @@
+"""Datasets that need no files: :mod:`vtc.data.shapes` (procedural visual QA and classification)."""

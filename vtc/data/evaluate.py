@@ -1,0 +1,64 @@
+"""Accuracy on :mod:`vtc.data.shapes`: exact-match answers of a VLM, digit accuracy of a classifier,
+both split by question type. Works with or without reducers applied (the model's own
+``generate`` / forward does the work)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import nn
+
+from vtc.answer import answer
+from vtc.data import shapes
+from vtc.data.training import pixels
+
+
+@dataclass
+class Scores:
+    """Predictions beside the truth; accuracy overall and per question type."""
+
+    qtypes: list[str]
+    truth: list[str]
+    predicted: list[str]
+
+    @property
+    def correct(self) -> list[bool]:
+        return [p == t for p, t in zip(self.predicted, self.truth)]
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / max(1, len(self.truth))
+
+    def by_type(self) -> dict[str, float]:
+        out = {}
+        for qtype in dict.fromkeys(self.qtypes):
+            hits = [c for c, q in zip(self.correct, self.qtypes) if q == qtype]
+            out[qtype] = sum(hits) / len(hits)
+        return out
+
+    def agreement(self, other: "Scores") -> float:
+        """Fraction of examples where both give the same prediction (fidelity to ``other``)."""
+        if other.truth != self.truth:
+            raise ValueError("agreement needs scores on the same examples")
+        return sum(a == b for a, b in zip(self.predicted, other.predicted)) / max(1, len(self.truth))
+
+
+def vlm_scores(model: nn.Module, processor, batch: Sequence[shapes.Example], batch_size: int = 50) -> Scores:
+    """Greedy exact-match answers of a shapes VLM to each example's prompt."""
+    predicted = answer(model, processor, [Image.fromarray(e.image) for e in batch], [e.prompt for e in batch],
+                       max_new_tokens=2, batch_size=batch_size)
+    return Scores([e.qtype for e in batch], [e.answer for e in batch], predicted)
+
+
+@torch.inference_mode()
+def classifier_scores(model: nn.Module, batch: Sequence[shapes.Example], batch_size: int = 100) -> Scores:
+    """Digit predictions of a shapes classifier (the classification view)."""
+    device = next(model.parameters()).device
+    predicted = []
+    for start in range(0, len(batch), batch_size):
+        chunk = batch[start:start + batch_size]
+        predicted += model(pixels([e.image for e in chunk]).to(device)).argmax(-1).tolist()
+    return Scores(["digit"] * len(batch), [str(e.label) for e in batch], [str(p) for p in predicted])

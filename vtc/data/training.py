@@ -1,0 +1,50 @@
+"""Tensors for training and evaluating on :mod:`vtc.data.shapes`: pixels, per-patch targets, a
+learning-rate schedule and a tokenizer. Shared by the training and evaluation scripts."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from vtc.data import shapes
+
+MEAN = STD = (0.5, 0.5, 0.5)
+NO_DIGIT = 10  # per-patch digit target of patches without digit pixels
+
+
+def pixels(images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
+    """(N, 64, 64, 3) uint8 -> (N, 3, 64, 64) float, normalised with :data:`MEAN` / :data:`STD`
+    (what the shapes checkpoints' image processors do)."""
+    x = torch.from_numpy(np.stack(list(images))).permute(0, 3, 1, 2).float() / 255.0
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+
+
+def patch_targets(batch: Sequence[shapes.Example], patch: int) -> dict[str, torch.Tensor]:
+    """Per-patch labels from each example's object map, (N, patches) long each: ``digit`` (the
+    digit if the patch holds digit pixels, else :data:`NO_DIGIT`), ``kind`` and ``color`` (of the
+    shape covering most of the patch, 0 for none, else 1 + index). Auxiliary training targets."""
+    digit, kind, color = [], [], []
+    for ex in batch:
+        n = len(ex.scene.shapes)
+        g = shapes.IMAGE_SIZE // patch
+        blocks = ex.objects.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, patch * patch)
+        counts = np.stack([(blocks == k).sum(1) for k in range(n + 2)], 1)  # (P, n + 2)
+        digit.append(np.where(counts[:, n + 1] > 0, ex.scene.digit, NO_DIGIT))
+        top = counts[:, 1:n + 1].argmax(1) if n else np.zeros(len(blocks), int)
+        has = counts[:, 1:n + 1].max(1) > 0
+        kinds = np.array([1 + shapes.KINDS.index(s.kind) for s in ex.scene.shapes])
+        colors = np.array([1 + list(shapes.COLORS).index(s.color) for s in ex.scene.shapes])
+        kind.append(np.where(has, kinds[top], 0))
+        color.append(np.where(has, colors[top], 0))
+    return {name: torch.from_numpy(np.stack(v)).long() for name, v in
+            (("digit", digit), ("kind", kind), ("color", color))}
+
+
+def cosine_lr(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))

@@ -1,0 +1,270 @@
+"""Every reducer at every budget on the shipped shapes checkpoints: accuracy, fidelity, FLOPs, latency.
+
+Budgets are visual tokens per image at the output of the reduction (of 256 patch tokens): what
+reaches the classifier head (CLS not counted) or the LLaVA decoder. Each reducer reaches a budget
+its own way (:func:`budget_spec`):
+
+- ``tome``: a per-layer ``r`` list shrinking the patch tokens geometrically over all blocks;
+- ``evit`` (and ``random`` on the ViT): explicit kept counts at EViT's drop layers, geometric
+  down to the budget (EViT's fused token is counted, so it keeps ``budget - 1`` plus the fused one);
+- ``random`` on LLaVA: at the connector, ``random:tokens=K``;
+- ``pool``: ``pool:tokens=K`` (the connector on LLaVA, after block 0 on the ViT).
+
+A budget of all 256 tokens keeps every token and must reproduce the unreduced model. Latency is
+timed side by side with the unreduced model (:func:`vtc.measure.compare` for the ViT, one
+interleaved loop over all configurations with :func:`vtc.measure_vlm.time_stages` for LLaVA).
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import vtc
+from vtc.budget import default_drop_layers
+from vtc.data import shapes
+from vtc.data.evaluate import Scores, classifier_scores, vlm_scores
+from vtc.data.training import pixels
+from vtc.measure import compare
+
+BUDGETS = (256, 128, 64, 32, 16)
+REDUCERS = ("tome", "evit", "random", "pool")
+CSV_COLUMNS = ("model", "reducer", "budget", "spec", "visual_tokens", "visual_tokens_std", "accuracy",
+               *(f"acc_{q}" for q in shapes.QUESTION_TYPES), "agreement", "gflops_per_image", "flops_ratio",
+               "latency_ms", "speedup")
+
+
+@dataclass
+class Row:
+    model: str
+    reducer: str  # "none" for the unreduced model
+    budget: int
+    spec: str
+    visual_tokens: float  # mean per image
+    visual_tokens_std: float
+    scores: Scores
+    agreement: float  # same prediction as the unreduced model
+    gflops: float  # per image: vision (+ prefill for a VLM)
+    flops_ratio: float
+    latency_ms: float  # per batch of the timing inputs
+    speedup: float
+
+    def record(self) -> dict[str, str]:
+        by_type = self.scores.by_type()
+        return {
+            "model": self.model, "reducer": self.reducer, "budget": str(self.budget), "spec": self.spec,
+            "visual_tokens": f"{self.visual_tokens:.2f}", "visual_tokens_std": f"{self.visual_tokens_std:.2f}",
+            "accuracy": f"{self.scores.accuracy:.4f}",
+            **{f"acc_{q}": (f"{by_type[q]:.4f}" if q in by_type else "") for q in shapes.QUESTION_TYPES},
+            "agreement": f"{self.agreement:.4f}", "gflops_per_image": f"{self.gflops:.5f}",
+            "flops_ratio": f"{self.flops_ratio:.4f}", "latency_ms": f"{self.latency_ms:.2f}",
+            "speedup": f"{self.speedup:.3f}",
+        }
+
+
+@dataclass
+class BenchmarkOptions:
+    examples: int = 1000  # test questions (the first ones of the split: every type equally)
+    budgets: Sequence[int] = BUDGETS
+    reducers: Sequence[str] = REDUCERS
+    models: Sequence[str] = ("shapes-vit", "shapes-llava")
+    timing_batch: int = 16
+    repeats: int = 5
+    batch_size: int = 50
+    progress: bool = True
+    extra_specs: Sequence[str] = ()  # more spec strings, run on every model (budget column "-")
+
+
+def geometric_counts(start: int, end: int, steps: int) -> list[int]:
+    """Token counts after each of ``steps`` reductions from ``start`` to ``end`` at a constant ratio."""
+    counts = [round(start * (end / start) ** ((i + 1) / steps)) for i in range(steps)]
+    counts[-1] = end
+    return counts
+
+
+def budget_spec(reducer: str, budget: int, kind: str, patches: int = 256, layers: int = 6) -> str:
+    """The spec string with which ``reducer`` keeps ``budget`` of ``patches`` visual tokens on a
+    ``kind`` ("timm" or "llava") model with ``layers`` encoder blocks (see the module docstring)."""
+    if reducer not in REDUCERS:
+        raise ValueError(f"unknown reducer {reducer!r} for the shapes benchmark; choose from {', '.join(REDUCERS)}")
+    if not 1 <= budget <= patches:
+        raise ValueError(f"budget {budget} is not between 1 and the {patches} visual tokens of an image")
+    if reducer == "tome":
+        counts = [patches, *geometric_counts(patches, budget, layers)]
+        return "tome:r=" + ";".join(str(a - b) for a, b in zip(counts, counts[1:])) + ("" if layers > 1 else ";")
+    if reducer == "pool" or (reducer == "random" and kind == "llava"):
+        return f"{reducer}:tokens={budget}"
+    drops = default_drop_layers(layers)
+    fused = 1 if reducer == "evit" and budget < patches else 0
+    counts = geometric_counts(patches, budget, len(drops))
+    kept = [c - fused for c in counts]
+    if min(kept) < 1:
+        raise ValueError(f"{reducer}: budget {budget} leaves no kept token besides EViT's fused one")
+    return f"{reducer}:tokens={';'.join(map(str, kept))};"
+
+
+def _tokens(handle, kind: str) -> list[int]:
+    if kind == "llava":
+        return list(handle.visual_tokens)
+    n_prefix = handle.adapter.info.n_prefix
+    state = handle.state
+    if state.valid is not None:
+        return (state.valid[:, n_prefix:].sum(1)).tolist()
+    return [state.num_tokens - n_prefix] * state.x.shape[0]
+
+
+def _stats(values: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def _vit_rows(ckpt, examples, specs: list[tuple[str, int, str]], options: BenchmarkOptions, step: Callable) -> list[Row]:
+    model = ckpt.model
+    full = classifier_scores(model, examples, options.batch_size)
+    images = pixels([e.image for e in examples[:options.timing_batch]])
+    rows, base_latency = [], []
+    for reducer, budget, spec in specs:
+        with vtc.apply(model, spec) as handle:
+            scores = classifier_scores(model, examples, options.batch_size)
+            with torch.inference_mode():
+                model(images[:1])
+            tokens = _tokens(handle, "timm")
+        comparison = compare(model, spec, images, warmup=1, repeats=options.repeats)
+        base_latency += comparison.latency_reference.samples
+        mean, std = _stats(tokens)
+        rows.append(Row(ckpt.name, reducer, budget, spec, mean, std, scores, scores.agreement(full),
+                        comparison.flops / 1e9, comparison.flops_ratio, comparison.latency.median * 1e3,
+                        comparison.speedup))
+        step()
+    patches = (shapes.IMAGE_SIZE // 4) ** 2
+    reference_flops = rows[0].gflops / rows[0].flops_ratio if rows else float("nan")
+    baseline = Row(ckpt.name, "none", patches, "none", patches, 0.0, full, 1.0, reference_flops, 1.0,
+                   statistics.median(base_latency) * 1e3 if base_latency else float("nan"), 1.0)
+    return [baseline, *rows]
+
+
+def _vlm_rows(ckpt, examples, specs: list[tuple[str, int, str]], options: BenchmarkOptions, step: Callable) -> list[Row]:
+    from vtc.measure_vlm import profile, time_stages
+
+    model, processor = ckpt.model, ckpt.processor
+    timing = examples[:options.timing_batch]
+    saved_side, processor.tokenizer.padding_side = processor.tokenizer.padding_side, "left"
+    inputs = processor(images=[Image.fromarray(e.image) for e in timing], text=[e.prompt for e in timing],
+                       padding=True, return_tensors="pt")
+    processor.tokenizer.padding_side = saved_side
+    configs = [("none", 256, None)] + specs
+    measured = []
+    for reducer, budget, spec in configs:
+        with vtc.apply(model, *([spec] if spec else [])):
+            scores = vlm_scores(model, processor, examples, options.batch_size)
+            report = profile(model, inputs, new_tokens=2, timed=False)
+        measured.append((scores, report))
+        step()
+    seconds = time_stages(model, [[spec] if spec else [] for _, _, spec in configs], inputs, new_tokens=2,
+                          warmup=1, repeats=options.repeats)
+    full_scores, full_report = measured[0]
+    batch = len(timing)
+    full_flops = (full_report.vision.flops + full_report.prefill.flops) / batch
+    full_seconds = seconds[0]["vision"] + seconds[0]["prefill"]
+    rows = []
+    for (reducer, budget, spec), (scores, report), stage in zip(configs, measured, seconds):
+        flops = (report.vision.flops + report.prefill.flops) / batch
+        latency = stage["vision"] + stage["prefill"]
+        mean, std = _stats(report.visual_tokens)
+        rows.append(Row(ckpt.name, reducer, budget, spec or "none", mean, std, scores,
+                        scores.agreement(full_scores), flops / 1e9, flops / full_flops, latency * 1e3,
+                        full_seconds / latency))
+    return rows
+
+
+def run(options: BenchmarkOptions) -> list[Row]:
+    """Load each shipped model, run every (reducer, budget) on the first ``options.examples`` test
+    examples and measure it; rows start with the unreduced model of each model."""
+    from vtc.models import zoo
+
+    unknown = [b for b in options.budgets if not 1 <= b <= 256]
+    if unknown:
+        raise ValueError(f"budget(s) {unknown} outside 1..256 (the visual tokens of a shapes image)")
+    rows: list[Row] = []
+    loaded = [zoo.load(name) for name in options.models]
+    plans = []
+    for ckpt in loaded:
+        kind = ckpt.kind
+        specs = [(r, b, budget_spec(r, b, kind)) for r in options.reducers for b in options.budgets]
+        specs += [(vtc.parse_reducer(s).name, -1, s) for s in options.extra_specs]
+        plans.append(specs)
+    examples = shapes.examples("test", options.examples)
+    total = sum(len(s) + (1 if c.kind == "llava" else 0) for s, c in zip(plans, loaded))
+    with tqdm(total=total, desc="shapes benchmark", unit="config", disable=not options.progress) as bar:
+        for ckpt, specs in zip(loaded, plans):
+            bar.set_postfix_str(ckpt.name)
+            runner = _vlm_rows if ckpt.kind == "llava" else _vit_rows
+            rows += runner(ckpt, examples, specs, options, bar.update)
+    return rows
+
+
+def write_csv(rows: Sequence[Row], path: Path) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row.record())
+    return path
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """One fixed-width table per model: budget, tokens, accuracy (overall and per type), agreement,
+    GFLOPs and speedup."""
+    lines = []
+    for model in dict.fromkeys(r.model for r in rows):
+        group = [r for r in rows if r.model == model]
+        qtypes = list(group[0].scores.by_type())
+        lines.append(f"\n{model}")
+        lines.append(f"{'reducer':<8} {'budget':>6} {'tokens':>13} {'acc':>6} "
+                     + " ".join(f"{q[:8]:>8}" for q in qtypes) + f" {'agree':>6} {'GFLOPs':>8} {'FLOPs':>6} {'speedup':>7}")
+        for r in group:
+            by_type = r.scores.by_type()
+            tokens = f"{r.visual_tokens:.1f}" + (f"±{r.visual_tokens_std:.1f}" if r.visual_tokens_std else "")
+            lines.append(f"{r.reducer:<8} {r.budget if r.budget > 0 else '-':>6} {tokens:>13} {r.scores.accuracy:>6.3f} "
+                         + " ".join(f"{by_type[q]:>8.3f}" for q in qtypes)
+                         + f" {r.agreement:>6.3f} {r.gflops:>8.4f} {r.flops_ratio:>6.3f} {r.speedup:>6.2f}x")
+    return "\n".join(lines)
+
+
+def plot_pareto(rows: Sequence[Row], path: Path) -> Path:
+    """Accuracy against visual tokens and against GFLOPs, one panel row per model, one line per reducer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r.model for r in rows))
+    fig, axes = plt.subplots(len(models), 2, figsize=(11, 4.2 * len(models)), squeeze=False)
+    for (ax_tokens, ax_flops), model in zip(axes, models):
+        group = [r for r in rows if r.model == model]
+        full = next(r for r in group if r.reducer == "none")
+        for reducer in dict.fromkeys(r.reducer for r in group if r.reducer != "none"):
+            line = sorted((r for r in group if r.reducer == reducer), key=lambda r: r.visual_tokens)
+            ax_tokens.plot([r.visual_tokens for r in line], [r.scores.accuracy for r in line], "o-", label=reducer)
+            ax_flops.plot([r.gflops for r in line], [r.scores.accuracy for r in line], "o-", label=reducer)
+        for ax, x in ((ax_tokens, full.visual_tokens), (ax_flops, full.gflops)):
+            ax.plot([x], [full.scores.accuracy], "k*", markersize=12, label="all tokens")
+            ax.set_xscale("log", base=2)
+            ax.set_ylabel("test accuracy")
+            ax.grid(alpha=0.3)
+            ax.set_ylim(0, 1.02)
+        ax_tokens.set_xlabel("visual tokens per image")
+        ax_flops.set_xlabel("GFLOPs per image (a VLM: vision + prefill)")
+        ax_tokens.set_title(f"{model}: accuracy vs visual tokens")
+        ax_flops.set_title(f"{model}: accuracy vs FLOPs")
+        ax_tokens.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
