@@ -32,7 +32,7 @@ ZOO = {
     "shapes-vit": Entry("timm", "timm ViT (6 x 96, 4 px patches on 64 px: 256 patch tokens + CLS) reading the "
                         "printed digit of vtc.data.shapes images",
                         "python scripts/train_shapes_vit.py --out models/checkpoints/shapes-vit --overwrite"),
-    "shapes-llava": Entry("llava", "LLaVA-1.5-style VLM (CLIP 6 x 96 tower, 256 visual tokens, Llama 3 x 128 "
+    "shapes-llava": Entry("llava", "LLaVA-1.5-style VLM (CLIP 6 x 96 tower, 256 visual tokens, Llama 2 x 128 "
                           "decoder) answering vtc.data.shapes questions",
                           "python scripts/train_shapes_llava.py --out models/checkpoints/shapes-llava --overwrite"),
 }

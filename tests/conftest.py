@@ -180,3 +180,19 @@ def pytest_generate_tests(metafunc) -> None:
     for name, values in (("vit_variant", list(VARIANTS)), ("cls_vit_variant", CLS_VARIANTS)):
         if name in metafunc.fixturenames and not any(name in m.args[0] for m in metafunc.definition.iter_markers("parametrize")):
             metafunc.parametrize(name, values)
+
+
+@pytest.fixture(scope="session")
+def shapes_vit():
+    """The shipped shapes-vit checkpoint, loaded once by name."""
+    from vtc.models import zoo
+
+    return zoo.load("shapes-vit")
+
+
+@pytest.fixture(scope="session")
+def shapes_llava():
+    """The shipped shapes-llava checkpoint (model and processor), loaded once by name."""
+    from vtc.models import zoo
+
+    return zoo.load("shapes-llava")

@@ -14,7 +14,7 @@ FAMILIES = ("tome", "evit", "random", "pool")
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
-    status = main(["demo", "--quick", "--out", str(out), "--batch", "2", "--no-progress"])
+    status = main(["demo", "--quick", "--models", "timm,open_clip", "--out", str(out), "--batch", "2", "--no-progress"])
     return status, out
 
 

@@ -231,6 +231,25 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, str] |
     return "what number is written ?", str(scene.digit)
 
 
+def evidence(scene: Scene, qtype: str, question: str) -> list[int]:
+    """The objects a question is about, as numbers of the object map (1..n the shapes, n + 1 the
+    digit): the shape named, the shapes counted or matched, the shape in the cell, the digit.
+    Empty when nothing in the image answers it (a count of 0, a "no")."""
+    check_qtypes([qtype])
+    words = question.removesuffix(" ?").split()
+    numbered = list(enumerate(scene.shapes, start=1))
+    if qtype == "color":
+        return [i for i, s in numbered if s.kind == words[-1]]
+    if qtype == "count":
+        return [i for i, s in numbered if s.color == words[2]]
+    if qtype == "presence":
+        return [i for i, s in numbered if (s.color, s.kind) == (words[3], words[4])]
+    if qtype == "position":
+        cell = CELLS.index(" ".join(words[5:]))
+        return [i for i, s in numbered if s.cell == cell]
+    return [len(scene.shapes) + 1]
+
+
 def _ask_unconstrained(qtype: str):
     def draw(rng: np.random.Generator) -> tuple[Scene, str, str]:
         scene = _random_scene(rng)

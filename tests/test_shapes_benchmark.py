@@ -1,0 +1,126 @@
+"""The shapes benchmark: budgets reached exactly, all tokens = the unreduced model, every reducer at
+half the tokens at least as accurate as random pruning, clear errors, and `vtc demo` on it."""
+
+import csv
+
+import pytest
+import torch
+from PIL import Image
+
+import vtc
+from vtc.cli import main
+from vtc.data import shapes
+from vtc.data.evaluate import classifier_scores, vlm_scores
+from vtc.data.training import pixels
+from vtc.shapes_benchmark import BUDGETS, REDUCERS, BenchmarkOptions, budget_spec, geometric_counts, run
+
+HALF_BUDGET_EXAMPLES = 300
+# Reducers below random pruning at 128 of 256 tokens, with what was measured on the first 300 test
+# examples; the test checks that each stays an exception (so this list is kept true).
+BELOW_RANDOM = {
+    ("shapes-vit", "pool"): "pool acts after block 0 and averages pairs of 4-px patches before attention has "
+                            "read the 6x10-px digit: 0.310 vs random 0.627 (random drops after blocks 1, 3, 4)",
+}
+
+
+def _llava_inputs(ckpt, batch):
+    return ckpt.processor(images=[Image.fromarray(e.image) for e in batch], text=[e.prompt for e in batch],
+                          padding=True, return_tensors="pt")
+
+
+def test_geometric_counts():
+    assert geometric_counts(256, 16, 2) == [64, 16]
+    assert geometric_counts(256, 256, 3) == [256, 256, 256]
+    counts = geometric_counts(256, 16, 6)
+    assert counts[-1] == 16 and all(a > b for a, b in zip([256, *counts], counts))
+    assert all(b >= a / 2 for a, b in zip([256, *counts], counts))  # within ToMe's 50% cap per layer
+
+
+@pytest.mark.parametrize("reducer", REDUCERS)
+def test_every_budget_is_reached_exactly(reducer, shapes_vit, shapes_llava):
+    batch = shapes.examples("test", 3)
+    x = pixels([e.image for e in batch])
+    inputs = _llava_inputs(shapes_llava, batch)
+    for budget in BUDGETS:
+        with vtc.apply(shapes_vit.model, budget_spec(reducer, budget, "timm")) as handle, torch.inference_mode():
+            shapes_vit.model(x)
+            assert handle.state.num_tokens - handle.state.n_prefix == budget
+        with vtc.apply(shapes_llava.model, budget_spec(reducer, budget, "llava")) as handle, torch.inference_mode():
+            shapes_llava.model(**inputs)
+            assert handle.visual_tokens == [budget] * 3
+
+
+@pytest.mark.parametrize("reducer", REDUCERS)
+def test_a_budget_of_all_tokens_is_the_unreduced_model(reducer, shapes_vit, shapes_llava):
+    batch = shapes.examples("test", 6)
+    x = pixels([e.image for e in batch])
+    with torch.inference_mode():
+        reference = shapes_vit.model(x)
+        with vtc.apply(shapes_vit.model, budget_spec(reducer, 256, "timm")):
+            reduced = shapes_vit.model(x)
+    torch.testing.assert_close(reduced, reference, rtol=0, atol=1e-5)
+    assert torch.equal(reduced.argmax(-1), reference.argmax(-1))
+    inputs = _llava_inputs(shapes_llava, batch)
+    settings = dict(max_new_tokens=2, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.inference_mode():
+        reference = shapes_llava.model.generate(**inputs, **settings)
+        with vtc.apply(shapes_llava.model, budget_spec(reducer, 256, "llava")):
+            reduced = shapes_llava.model.generate(**inputs, **settings)
+    assert torch.equal(reduced.sequences, reference.sequences)
+    torch.testing.assert_close(reduced.scores[0], reference.scores[0], rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def half_budget_accuracy(shapes_vit, shapes_llava):
+    """Accuracy of every reducer at 128 of 256 visual tokens on the first test examples."""
+    batch = shapes.examples("test", HALF_BUDGET_EXAMPLES)
+    out = {}
+    for reducer in REDUCERS:
+        with vtc.apply(shapes_vit.model, budget_spec(reducer, 128, "timm")):
+            out["shapes-vit", reducer] = classifier_scores(shapes_vit.model, batch).accuracy
+        with vtc.apply(shapes_llava.model, budget_spec(reducer, 128, "llava")):
+            out["shapes-llava", reducer] = vlm_scores(shapes_llava.model, shapes_llava.processor, batch,
+                                                      batch_size=100).accuracy
+    return out
+
+
+@pytest.mark.parametrize("model", ["shapes-vit", "shapes-llava"])
+@pytest.mark.parametrize("reducer", [r for r in REDUCERS if r != "random"])
+def test_half_the_tokens_keeps_at_least_random_pruning_accuracy(model, reducer, half_budget_accuracy):
+    accuracy, random = half_budget_accuracy[model, reducer], half_budget_accuracy[model, "random"]
+    if (model, reducer) in BELOW_RANDOM:
+        assert accuracy < random, f"no longer an exception, update BELOW_RANDOM: {half_budget_accuracy}"
+    else:
+        assert accuracy >= random, half_budget_accuracy
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: budget_spec("tome", 300, "timm"), "budget 300 is not between 1 and the 256 visual tokens"),
+    (lambda: budget_spec("tome", 0, "llava"), "budget 0"),
+    (lambda: budget_spec("holov", 64, "llava"), "unknown reducer 'holov'"),
+    (lambda: run(BenchmarkOptions(budgets=(512,), models=("shapes-vit",))), r"budget\(s\) \[512\] outside 1..256"),
+    (lambda: run(BenchmarkOptions(models=("shapes-vitt",))), "unknown checkpoint name 'shapes-vitt'"),
+])
+def test_bad_input_is_refused_clearly(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_quick_demo_runs_the_shapes_benchmark(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--examples", "10", "--out", str(out), "--no-progress"]) == 0
+    with (out / "shapes.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    for model in ("shapes-vit", "shapes-llava"):
+        group = [r for r in rows if r["model"] == model]
+        assert [(r["reducer"], r["budget"]) for r in group] == [("none", "256")] + [
+            (reducer, str(b)) for reducer in REDUCERS for b in (256, 64, 16)]
+        for row in group:
+            assert float(row["visual_tokens"]) == int(row["budget"])
+            assert 0 <= float(row["accuracy"]) <= 1 and float(row["gflops_per_image"]) > 0
+            if row["budget"] == "256":
+                assert float(row["agreement"]) == 1.0 and float(row["flops_ratio"]) == pytest.approx(1.0)
+            else:
+                assert float(row["flops_ratio"]) < 1.0
+    with Image.open(out / "pareto.png") as picture:
+        assert picture.format == "PNG"

@@ -1,0 +1,71 @@
+"""The shipped shapes checkpoints: public loading paths, stated accuracy, clear errors."""
+
+import json
+
+import pytest
+import timm
+import torch
+from PIL import Image
+from transformers import LlavaForConditionalGeneration, LlavaProcessor
+
+from vtc.data import shapes
+from vtc.data.evaluate import classifier_scores, vlm_scores
+from vtc.models import zoo
+
+
+def test_checkpoints_load_through_the_libraries_own_paths(shapes_vit, shapes_llava):
+    folder = zoo.CHECKPOINTS / "shapes-vit"
+    direct = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(direct(x), shapes_vit.model(x))
+    assert json.loads((folder / "config.json").read_text())["architecture"] == "vit_tiny_patch16_224"
+    folder = zoo.CHECKPOINTS / "shapes-llava"
+    model = LlavaForConditionalGeneration.from_pretrained(folder)
+    processor = LlavaProcessor.from_pretrained(folder)
+    inputs = processor(images=[Image.fromarray(shapes.example("test", 0).image)], text=[shapes.example("test", 0).prompt],
+                       return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 256
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in shapes_llava.model.parameters())
+
+
+def test_shipped_files_are_safetensors_and_json_within_25_mb():
+    files = [p for p in zoo.CHECKPOINTS.rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} <= {".json", ".safetensors"}
+    assert sum(p.stat().st_size for p in files) <= 25 * 2**20
+
+
+def test_classifier_reaches_its_stated_accuracy(shapes_vit):
+    scores = classifier_scores(shapes_vit.model, shapes.examples("test", zoo.SUBSET))
+    assert abs(scores.accuracy - shapes_vit.card["subset_accuracy"]) <= 0.01
+
+
+def test_vlm_reaches_its_stated_accuracy(shapes_llava):
+    scores = vlm_scores(shapes_llava.model, shapes_llava.processor, shapes.examples("test", zoo.SUBSET), batch_size=100)
+    assert abs(scores.accuracy - shapes_llava.card["subset_accuracy"]) <= 0.01
+
+
+def test_cards_and_training_records_are_complete(shapes_vit, shapes_llava):
+    for ckpt in (shapes_vit, shapes_llava):
+        assert ckpt.card["test_examples"] == shapes.SPLITS["test"][1]
+        assert set(ckpt.card["test_by_type"]) <= set(shapes.QUESTION_TYPES)
+        assert ckpt.training["command"].startswith("python scripts/train_shapes_")
+        assert ckpt.training["minutes"] > 0 and ckpt.training["threads"] == 2
+
+
+def test_unknown_name_missing_checkpoint_and_bad_folder_are_clear(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="unknown checkpoint name 'shapes-vitt'; known names: shapes-llava, shapes-vit"):
+        zoo.load("shapes-vitt")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="neither a timm checkpoint"):
+        zoo.load(tmp_path)
+    with pytest.raises(ValueError, match="no config.json"):
+        zoo.load(tmp_path / "nothing-here")
+    monkeypatch.setattr(zoo, "CHECKPOINTS", tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="train it with: python scripts/train_shapes_llava.py"):
+        zoo.load("shapes-llava")
+
+
+def test_a_folder_path_loads_like_a_name(shapes_vit):
+    by_path = zoo.load(zoo.CHECKPOINTS / "shapes-vit")
+    assert by_path.kind == "timm" and by_path.card == shapes_vit.card
