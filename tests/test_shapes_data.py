@@ -105,3 +105,19 @@ def test_subsets_of_question_types_are_subsets_of_the_split():
 def test_bad_input_is_refused_clearly(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_evidence_names_the_objects_that_answer():
+    for e in shapes.examples("val", 100):
+        found = shapes.evidence(e.scene, e.qtype, e.question)
+        picked = [e.scene.shapes[i - 1] for i in found if i <= len(e.scene.shapes)]
+        if e.qtype == "color":
+            assert [s.color for s in picked] == [e.answer]
+        elif e.qtype == "count":
+            assert len(found) == int(e.answer)
+        elif e.qtype == "presence":
+            assert bool(found) == (e.answer == "yes")
+        elif e.qtype == "position":
+            assert [s.kind for s in picked] == [e.answer]
+        else:
+            assert found == [len(e.scene.shapes) + 1]
