@@ -9,9 +9,10 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from vtc.reducers.registry import parse_reducer
@@ -67,6 +68,15 @@ def prepare_output(parser: argparse.ArgumentParser, path: Path, overwrite: bool)
         print(note, file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def write_records(path: Path, columns: Sequence[str], records: Iterable[dict[str, str]]) -> Path:
+    """Write ``records`` (one dict per row) as a CSV with a header of ``columns``."""
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns))
+        writer.writeheader()
+        writer.writerows(records)
+    return path
 
 
 def add_demo_parser(commands: argparse._SubParsersAction) -> None:

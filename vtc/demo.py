@@ -14,7 +14,6 @@ family (first image) is written as PNG.
 
 from __future__ import annotations
 
-import csv
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 import vtc
+from vtc.cli import write_records
 from vtc.measure import Comparison, compare
 from vtc.viz import save_groups
 
@@ -315,12 +315,7 @@ def draw_case(case: Case, image: np.ndarray, batch: torch.Tensor, out_dir: Path)
 
 
 def write_csv(rows: Sequence[Row], path: Path) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(row.csv_record())
-    return path
+    return write_records(path, CSV_COLUMNS, (row.csv_record() for row in rows))
 
 
 def run_shapes(options: DemoOptions, echo: Callable[[str], None]) -> tuple[list, Path, Path]:

@@ -17,7 +17,6 @@ interleaved loop over all configurations with :func:`vtc.measure_vlm.time_stages
 
 from __future__ import annotations
 
-import csv
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 import vtc
 from vtc.budget import default_drop_layers
+from vtc.cli import write_records
 from vtc.data import shapes
 from vtc.data.evaluate import Scores, classifier_scores, vlm_scores
 from vtc.data.training import pixels
@@ -210,12 +210,7 @@ def run(options: BenchmarkOptions) -> list[Row]:
 
 
 def write_csv(rows: Sequence[Row], path: Path) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(row.record())
-    return path
+    return write_records(path, CSV_COLUMNS, (row.record() for row in rows))
 
 
 def format_table(rows: Sequence[Row]) -> str:
