@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -110,14 +109,21 @@ def budget_spec(reducer: str, budget: int, kind: str, patches: int = 256, layers
     return f"{reducer}:tokens={';'.join(map(str, kept))};"
 
 
-def _tokens(handle, kind: str) -> list[int]:
-    if kind == "llava":
-        return list(handle.visual_tokens)
-    n_prefix = handle.adapter.info.n_prefix
-    state = handle.state
+def _encoder_tokens(handle) -> list[int]:
+    """Patch tokens per image leaving the encoder in the handle's last forward."""
+    state, n_prefix = handle.state, handle.adapter.info.n_prefix
     if state.valid is not None:
-        return (state.valid[:, n_prefix:].sum(1)).tolist()
+        return state.valid[:, n_prefix:].sum(1).tolist()
     return [state.num_tokens - n_prefix] * state.x.shape[0]
+
+
+def _depth(ckpt) -> int:
+    """Encoder blocks the reducers act in (the tower runs up to LLaVA's feature layer)."""
+    if ckpt.kind == "llava":
+        config = ckpt.model.config
+        return config.vision_config.num_hidden_layers + 1 + config.vision_feature_layer \
+            if config.vision_feature_layer < 0 else config.vision_feature_layer
+    return len(ckpt.model.blocks)
 
 
 def _stats(values: Sequence[float]) -> tuple[float, float]:
@@ -132,9 +138,7 @@ def _vit_rows(ckpt, examples, specs: list[tuple[str, int, str]], options: Benchm
     for reducer, budget, spec in specs:
         with vtc.apply(model, spec) as handle:
             scores = classifier_scores(model, examples, options.batch_size)
-            with torch.inference_mode():
-                model(images[:1])
-            tokens = _tokens(handle, "timm")
+            tokens = _encoder_tokens(handle)  # the last scored batch
         comparison = compare(model, spec, images, warmup=1, repeats=options.repeats)
         base_latency += comparison.latency_reference.samples
         mean, std = _stats(tokens)
@@ -196,7 +200,7 @@ def run(options: BenchmarkOptions) -> list[Row]:
     plans = []
     for ckpt in loaded:
         kind = ckpt.kind
-        specs = [(r, b, budget_spec(r, b, kind)) for r in options.reducers for b in options.budgets]
+        specs = [(r, b, budget_spec(r, b, kind, layers=_depth(ckpt))) for r in options.reducers for b in options.budgets]
         specs += [(vtc.parse_reducer(s).name, -1, s) for s in options.extra_specs]
         plans.append(specs)
     examples = shapes.examples("test", options.examples)
