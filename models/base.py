@@ -9,6 +9,7 @@ then ``x + mlp(norm2(x))`` on the shorter sequence. The first block starts a fre
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -19,6 +20,16 @@ from torch import nn
 from vtc.models.patching import InstancePatcher
 from vtc.reducers.base import EncoderInfo, EncoderReducer, Reducer, Signal, Signals, Site
 from vtc.state import TokenState
+
+
+def checkpoint_name(source: str | None) -> str | None:
+    """A model id as calibration files record it: a hub id as it is, a local folder by its name."""
+    if not source:
+        return None
+    source = str(source).rstrip("/\\")
+    if source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1:
+        return source.replace("\\", "/").rsplit("/", 1)[-1]
+    return source
 
 
 class EncoderAdapter:
@@ -39,10 +50,11 @@ class EncoderAdapter:
         self.blocks: list[nn.Module] = list(self.find_blocks())
         for block in self.blocks:
             self.check_block(block)
-        self.info = self.encoder_info()
+        self.info = dataclasses.replace(self.encoder_info(), model_id=checkpoint_name(self.model_id()))
         self.plan: list[Any] = reducer.plan(self.info) if reducer else [None] * self.info.num_layers
         self.state: TokenState | None = None
         self.token_counts: list[int] = []
+        self._image_counts: list[torch.Tensor] = []
         self.extra_needs: dict[int, frozenset[Signal]] = {}  # signals another site asks of a block
         self.signals: dict[int, Signals] = {}  # those signals from the last forward
         self._patcher = InstancePatcher()
@@ -60,6 +72,10 @@ class EncoderAdapter:
 
     def find_blocks(self) -> list[nn.Module]:
         raise NotImplementedError
+
+    def model_id(self) -> str | None:
+        """The checkpoint this model was loaded from (hub id or local folder), when known."""
+        return None
 
     def check_block(self, block: nn.Module) -> None:
         """Raise TypeError if a block is not of the structure this adapter re-implements."""
@@ -169,7 +185,7 @@ class EncoderAdapter:
         """Run block ``index`` on batch-first ``x`` with the reducer's budget for that layer."""
         if index == 0 or self.state is None:
             self.state = TokenState.start(x, self.info.n_prefix, self.runtime_grid(x.shape[1]))
-            self.token_counts = []
+            self.token_counts, self._image_counts = [], []
         elif self.state.x.shape[:2] != x.shape[:2]:
             raise RuntimeError(
                 f"vtc: block {index} received {tuple(x.shape[:2])} tokens but the previous block produced "
@@ -177,6 +193,7 @@ class EncoderAdapter:
             )
         state = self.state.replace(x=x)
         self.token_counts.append(x.shape[1])
+        self._image_counts.append(state.real_counts())
         budget = self.plan[index]
         extra = self.extra_needs.get(index, frozenset())
         if budget is None and not state.needs_attention_bias() and not extra:
@@ -194,7 +211,16 @@ class EncoderAdapter:
         self.state = state.replace(x=out)
         if index == len(self.blocks) - 1:
             self.token_counts.append(out.shape[1])
+            self._image_counts.append(self.state.real_counts())
         return out
+
+    @property
+    def image_token_counts(self) -> torch.Tensor | None:
+        """(B, L + 1) real tokens of every image entering each block of the last forward, then
+        leaving the last one (padding excluded: per-image counts under DyMU)."""
+        if len(self._image_counts) != len(self.blocks) + 1:
+            return None
+        return torch.stack(self._image_counts, dim=1).cpu()
 
     def current_state(self, x: torch.Tensor) -> TokenState | None:
         """The state matching tokens ``x`` after the blocks, or None if they do not belong to it."""

@@ -55,6 +55,9 @@ class HFVisionAdapter(EncoderAdapter):
         if type(block).__name__ not in _LAYERS:
             raise TypeError(f"vtc supports HF {' and '.join(_LAYERS)}; this model has {type(block).__name__}")
 
+    def model_id(self) -> str | None:
+        return getattr(self.model.config, "_name_or_path", None) or None
+
     def encoder_info(self):
         config = self.vision.config
         side = config.image_size // config.patch_size

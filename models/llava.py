@@ -75,7 +75,7 @@ class LlavaAdapter:
                 f"{encoder.name}: this model concatenates vision layers {layers}, whose token counts an encoder "
                 f"reducer would make differ; use a connector reducer instead"
             )
-        self.tower = LlavaTowerAdapter(tower, encoder, max(self.feature_layers))
+        self.tower = LlavaTowerAdapter(tower, encoder, max(self.feature_layers), getattr(self.config, "_name_or_path", None))
         strategy = self.config.vision_feature_select_strategy
         if self.is_next and strategy != "default":
             raise ValueError(

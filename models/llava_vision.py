@@ -36,9 +36,13 @@ class LlavaTowerAdapter(HFVisionAdapter):
 
     family = "llava tower"
 
-    def __init__(self, tower: nn.Module, reducer: EncoderReducer | None, num_run: int) -> None:
+    def __init__(self, tower: nn.Module, reducer: EncoderReducer | None, num_run: int, model_id: str | None = None) -> None:
         self.num_run = num_run
+        self.vlm_id = model_id
         super().__init__(tower, reducer)
+
+    def model_id(self) -> str | None:
+        return self.vlm_id
 
     def find_blocks(self):
         return list(self.vision.encoder.layers)[: self.num_run]

@@ -39,6 +39,14 @@ class TimmViTAdapter(EncoderAdapter):
                 f"this one has {type(block).__name__} / {type(getattr(block, 'attn', None)).__name__}"
             )
 
+    def model_id(self) -> str | None:
+        cfg = getattr(self.model, "pretrained_cfg", None) or {}
+        if cfg.get("source") == "local-dir" and cfg.get("file"):
+            return cfg["file"]
+        if cfg.get("hf_hub_id"):
+            return cfg["hf_hub_id"]
+        return ".".join(filter(None, (cfg.get("architecture"), cfg.get("tag")))) or None
+
     def encoder_info(self) -> EncoderInfo:
         model = self.model
         grid = tuple(model.patch_embed.grid_size)

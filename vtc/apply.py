@@ -91,6 +91,20 @@ def apply(model: nn.Module, *reducers: Reducer | str, **options) -> Handle:
                 f"across sites, not within one"
             )
         by_site[site] = reducer
+    for reducer in list(by_site.values()):
+        for companion in reducer.companions():
+            site = companion.sites[0]
+            if site not in adapter_cls.sites:
+                continue  # e.g. DyMU's virtual unmerging on a bare vision encoder
+            if site in by_site and type(by_site[site]) is type(companion):
+                continue  # the user's own, explicit choice wins
+            if site in by_site:
+                raise ValueError(
+                    f"{reducer.name} adds {companion.describe()} at the {site.value} site, which "
+                    f"{by_site[site].name} already takes; turn one off (for DyMU: vtu=off)"
+                )
+            by_site[site] = companion
+            parsed.append(companion)
     adapter = adapter_cls.build(model, by_site, **options)
     adapter.install()
     handle = Handle(model, adapter, parsed)

@@ -44,12 +44,14 @@ def bipartite_soft_matching(
 
 
 def bipartite_threshold_matching(
-    metric: torch.Tensor, threshold: float, n_prefix: int, valid: torch.Tensor | None = None
+    metric: torch.Tensor, threshold: float, n_prefix: int, valid: torch.Tensor | None = None,
+    cap: torch.Tensor | int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """DyMU's thresholded matching (dymu.md B.1 step 4, B.4): in every image each A token whose
     best edge scores strictly above ``threshold`` merges into its partner, at most
     ``(valid tokens - n_prefix) // 2`` per image (the best edges first), so images keep
     different token counts. Real tokens come first in ToMe's order, padding after them.
+    ``cap`` (int or (B,)) lowers the per-image maximum further (DyMU's optional per-image cap).
 
     Returns ``(dest, real, n_out)``: the destination map, (B,) real tokens per image afterwards
     and the padded width ``n_out`` (pass ``real`` to :func:`merge_tokens`).
@@ -57,9 +59,40 @@ def bipartite_threshold_matching(
     n = metric.shape[1]
     score, partner = bipartite_match(metric, n_prefix, valid)
     present = n if valid is None else valid.sum(dim=1, keepdim=True)
-    cap = torch.clamp((torch.as_tensor(present, device=metric.device) - n_prefix) // 2, min=0)
-    is_src = (score > threshold) & (_rank(score) < cap)
+    limit = torch.clamp((torch.as_tensor(present, device=metric.device) - n_prefix) // 2, min=0)
+    if cap is not None:
+        limit = torch.minimum(limit, torch.as_tensor(cap, device=metric.device).reshape(-1, 1))
+    return bipartite_merge_map(
+        (score > threshold) & (_rank(score) < limit), partner, n, n_prefix, valid
+    )
+
+
+def batch_top_edges(score: torch.Tensor, count: int) -> tuple[torch.Tensor, float]:
+    """DyMU's batch-level selection (dymu.md B.3 steps 3-4): rank every image's A-token edges
+    jointly across the batch and select the ``count`` best (ties: lower image, then lower A index).
+
+    Returns ``(is_src, threshold)``: (B, N_A) selected sources and the score of the first
+    rejected edge clamped at 0 (0 when every finite edge was selected).
+    """
+    flat = score.reshape(-1)
+    order = flat.argsort(descending=True, stable=True)
+    count = min(count, int(torch.isfinite(flat).sum()))
+    is_src = torch.zeros_like(flat, dtype=torch.bool)
+    is_src[order[:count]] = True
+    rejected = flat[order[count]].item() if count < flat.numel() else float("-inf")
+    return is_src.view_as(score), max(rejected, 0.0) if rejected > float("-inf") else 0.0
+
+
+def bipartite_merge_map(
+    is_src: torch.Tensor, partner: torch.Tensor, n: int, n_prefix: int, valid: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The destination map merging the selected A tokens ``is_src`` (B, N_A) into their
+    ``partner`` B tokens, with per-image counts: ``(dest, real, n_out)`` as
+    :func:`bipartite_threshold_matching` returns them. An image without any source keeps its
+    order (the identity map), as a single-image run that skips the step would (dymu.md B.1 step 4)."""
     dest, real = _destinations(is_src, partner, n, n_prefix, valid)
+    idle = ~is_src.any(dim=1, keepdim=True)
+    dest = torch.where(idle, torch.arange(n, device=dest.device).expand_as(dest), dest)
     return dest, real, n - int(is_src.sum(dim=1).min())
 
 

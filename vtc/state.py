@@ -51,6 +51,12 @@ class TokenState:
             return self.size
         return torch.ones(self.x.shape[:2], device=self.x.device)
 
+    def real_counts(self) -> torch.Tensor:
+        """(B,) real tokens per row (padding excluded)."""
+        if self.valid is None:
+            return torch.full((self.x.shape[0],), self.x.shape[1], dtype=torch.long, device=self.x.device)
+        return self.valid.sum(dim=1)
+
     def needs_attention_bias(self) -> bool:
         return (self.prop_attn and self.size is not None) or self.valid is not None
 

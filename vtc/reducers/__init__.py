@@ -5,13 +5,15 @@ from vtc.reducers.base import (
     Signals, Site,
 )
 from vtc.reducers.drop import EViT, RandomDrop
+from vtc.reducers.dymu import DyMU
 from vtc.reducers.exit import VisualExit
 from vtc.reducers.pool import Pool
 from vtc.reducers.registry import REDUCERS, parse_reducer, to_spec
 from vtc.reducers.tome import ToMe
+from vtc.reducers.vtu import VirtualUnmerge
 
 __all__ = [
-    "ConnectorInfo", "ConnectorReducer", "DecoderInfo", "DecoderReducer", "EViT", "EncoderInfo", "EncoderReducer",
-    "Pool", "REDUCERS", "RandomDrop", "Reducer", "Signal", "Signals", "Site", "ToMe", "VisualExit", "parse_reducer",
-    "to_spec",
+    "ConnectorInfo", "ConnectorReducer", "DecoderInfo", "DecoderReducer", "DyMU", "EViT", "EncoderInfo", "EncoderReducer",
+    "Pool", "REDUCERS", "RandomDrop", "Reducer", "Signal", "Signals", "Site", "ToMe", "VirtualUnmerge", "VisualExit",
+    "parse_reducer", "to_spec",
 ]

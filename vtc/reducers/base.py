@@ -47,6 +47,7 @@ class EncoderInfo:
     n_prefix: int
     has_cls: bool
     grid: tuple[int, int]
+    model_id: str | None = None  # checkpoint name (hub id or folder name) when the adapter can tell
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,11 @@ class Reducer:
             f"{'s' if len(available) > 1 else ''}"
         )
 
+    def companions(self) -> tuple["Reducer", ...]:
+        """Reducers this one brings to other sites when the model has them free (DyMU: virtual
+        unmerging at the decoder site); :func:`vtc.apply` adds them."""
+        return ()
+
     def describe(self) -> str:
         """The spec string that rebuilds this reducer."""
         from vtc.reducers.registry import to_spec
@@ -88,6 +94,7 @@ class EncoderReducer(Reducer):
 
     sites: ClassVar[tuple[Site, ...]] = (Site.ENCODER,)
     needs: ClassVar[frozenset[Signal]] = frozenset()
+    dynamic: ClassVar[bool] = False  # token counts depend on the image (planned counts are upper bounds)
 
     def plan(self, info: EncoderInfo) -> list[Any]:
         """One budget per layer (None: the layer does not reduce). Raises ValueError when the

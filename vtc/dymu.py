@@ -1,0 +1,352 @@
+"""DyMU threshold calibration (``shared/specs/dymu.md`` B.3) and calibration files.
+
+:func:`calibrate` runs a frozen encoder over calibration images with a per-layer merge budget
+``r_l`` (from a target average token count and a schedule, B.2). In every block of every batch
+the A-token edges of all images are ranked jointly, the best ``B * r_l`` merge (simple images
+give more of them) and the score of the first rejected edge is that batch's threshold; a layer's
+threshold is the mean over batches (and over processes with ``accelerate``). The result, a
+:class:`Calibration`, is saved as ``thresholds.safetensors`` + ``dymu.json`` in a folder and used
+by ``vtc.DyMU(calibration=folder)`` or, for shipped models, ``"dymu:preset=low"``.
+
+Calibrations are checked against the encoder they are applied to: its layer and token counts,
+and its checkpoint name when both sides know it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from vtc.budget import constant_total, linear_total
+from vtc.kernels import bipartite_match
+from vtc.merge import batch_top_edges, bipartite_merge_map, merge_capacity, merge_tokens
+from vtc.reducers.base import EncoderInfo, EncoderReducer, Signal, Signals
+from vtc.reducers.dymu import DyMU
+from vtc.state import TokenState
+
+# Share of patch tokens kept: the paper's 72 / 192 / 384 of 576 for LLaVA-1.5 (dymu.md c, "72out" ...).
+PRESETS = {"low": 1 / 8, "mid": 1 / 3, "high": 2 / 3}
+SCHEDULES = ("constant", "linear", "reverse-linear")
+TENSORS, CONFIG = "thresholds.safetensors", "dymu.json"
+
+
+@dataclass
+class Calibration:
+    """Per-layer thresholds and what they were calibrated for.
+
+    ``merges`` are the per-layer average merges per image (``r_l``; 0: the layer never merges,
+    stored with threshold 1). ``target`` is the average patch tokens (prefix excluded) leaving the
+    last layer that calibration aimed at; ``realised`` the average the thresholds give on the
+    calibration images, ``held_out`` / ``held_out_std`` on other images when given.
+    """
+
+    thresholds: list[float]
+    merges: list[int]
+    schedule: str
+    target: float
+    encoder: dict[str, Any]
+    model_id: str | None = None
+    preset: str | None = None
+    images: int = 0
+    batch_size: int = 0
+    realised: float | None = None
+    held_out: float | None = None
+    held_out_std: float | None = None
+
+    def save(self, folder: str | Path, overwrite: bool = False) -> Path:
+        """Write ``thresholds.safetensors`` and ``dymu.json`` into ``folder``; an existing
+        calibration there is only replaced with ``overwrite=True``."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        if any((folder / name).exists() for name in (TENSORS, CONFIG)) and not overwrite:
+            raise FileExistsError(f"{folder} already holds a DyMU calibration; pass overwrite=True to replace it")
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({"thresholds": torch.tensor(self.thresholds, dtype=torch.float32),
+                   "merges": torch.tensor(self.merges, dtype=torch.int64)}, str(folder / TENSORS))
+        meta = {k: v for k, v in asdict(self).items() if k not in ("thresholds", "merges")}
+        (folder / CONFIG).write_text(json.dumps({"method": "dymu", **meta}, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Calibration":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        if not (folder / TENSORS).is_file() or not (folder / CONFIG).is_file():
+            raise FileNotFoundError(f"{folder} is not a DyMU calibration folder (it needs {TENSORS} and {CONFIG})")
+        meta = json.loads((folder / CONFIG).read_text())
+        if meta.pop("method", None) != "dymu":
+            raise ValueError(f"{folder / CONFIG} is not a DyMU calibration")
+        tensors = load_file(str(folder / TENSORS))
+        return cls(thresholds=tensors["thresholds"].tolist(), merges=tensors["merges"].tolist(), **meta)
+
+    def check(self, info: EncoderInfo, source: str) -> None:
+        """Raise ValueError when this calibration was made for another encoder."""
+        mine = {key: self.encoder.get(key) for key in ("num_layers", "num_tokens", "n_prefix")}
+        theirs = {"num_layers": info.num_layers, "num_tokens": info.num_tokens, "n_prefix": info.n_prefix}
+        if mine != theirs:
+            raise ValueError(f"the DyMU calibration {source} was made for an encoder with {mine}, but this one has {theirs}")
+        if self.model_id and info.model_id and self.model_id != info.model_id:
+            raise ValueError(
+                f"the DyMU calibration {source} was made for model {self.model_id!r}, but this model is "
+                f"{info.model_id!r}; calibrate this model (scripts/calibrate_dymu.py) or copy the folder and edit "
+                f"model_id in its {CONFIG} if the weights are the same"
+            )
+
+
+def shipped_folder(model_id: str, preset: str) -> Path:
+    from vtc.models.zoo import CHECKPOINTS
+
+    return CHECKPOINTS / model_id / f"dymu-{preset}"
+
+
+def load_calibration(name_or_path: str | Path) -> Calibration:
+    """A calibration from a folder, or by name ``<model>/<preset>`` among the shipped ones."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return Calibration.load(path)
+    model, _, preset = str(name_or_path).rpartition("/")
+    if model and preset in PRESETS and shipped_folder(model, preset).is_dir():
+        return Calibration.load(shipped_folder(model, preset))
+    raise FileNotFoundError(
+        f"no DyMU calibration folder or shipped calibration named {str(name_or_path)!r}; shipped names are "
+        f"<model>/<preset> with preset in {', '.join(PRESETS)} (see models/checkpoints/*/dymu-*)"
+    )
+
+
+def find_calibration(info: EncoderInfo, calibration: str | None, preset: str | None) -> Calibration:
+    """The calibration a DyMU reducer names, checked against the encoder it is applied to."""
+    if calibration is not None:
+        found = load_calibration(calibration)
+        found.check(info, repr(calibration))
+        return found
+    folder = shipped_folder(info.model_id, preset) if info.model_id else None
+    if folder is None or not folder.is_dir():
+        raise ValueError(
+            f"dymu: no calibration ships for preset {preset!r} of model {info.model_id or '(unnamed)'}; run "
+            f"scripts/calibrate_dymu.py --preset {preset} (or vtc.dymu.calibrate) and pass calibration=<folder>"
+        )
+    found = Calibration.load(folder)
+    found.check(info, f"{info.model_id}/{preset}")
+    return found
+
+
+def merge_schedule(info: EncoderInfo, target: float | str, schedule: str, clamp: bool = False) -> tuple[float, list[int]]:
+    """(target patch tokens, per-layer merges r_l) for an average ``target`` (or a preset name).
+
+    A layer asked for more merges than half its tokens (counted as ToMe would, B.2) is an error,
+    or with ``clamp`` gets its cap and hands the excess to the layers before it (nearest first):
+    shallow encoders need this for low targets. Not in the paper, whose encoders have 24-27 layers.
+    """
+    patches = info.num_tokens - info.n_prefix
+    if isinstance(target, str):
+        if target not in PRESETS:
+            raise ValueError(f"unknown DyMU preset {target!r}; allowed: {', '.join(PRESETS)}")
+        target = round(PRESETS[target] * patches)
+    if not 0 < target <= patches:
+        raise ValueError(f"target of {target} tokens is outside 1..{patches}, the patch tokens this encoder has")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    total, layers = patches - math.ceil(target), info.num_layers
+    merges = constant_total(total, layers) if schedule == "constant" else linear_total(total, layers)
+    if schedule == "reverse-linear":
+        merges = merges[::-1]
+    while (over := _first_overflow(merges, info)) is not None:
+        layer, cap = over
+        if not clamp or layer == 0:
+            raise ValueError(
+                f"a target of {target} tokens needs {merges[layer]} merges in layer {layer}, more than half of the "
+                f"tokens it gets (at most {cap}); raise the target, use schedule=linear, or pass clamp=True"
+            )
+        excess, merges[layer] = merges[layer] - cap, cap
+        for i in range(excess):
+            merges[layer - 1 - i % layer] += 1
+    return float(target), merges
+
+
+def _first_overflow(merges: list[int], info: EncoderInfo) -> tuple[int, int] | None:
+    """(layer, cap) of the first layer asked for more merges than ToMe could make there."""
+    n = info.num_tokens
+    for layer, r in enumerate(merges):
+        cap = merge_capacity(n, info.n_prefix)
+        if r > cap:
+            return layer, cap
+        n -= r
+    return None
+
+
+@dataclass
+class _Calibrating(EncoderReducer):
+    """Batch-level bipartite merging that records thresholds (dymu.md B.3 steps 1-6)."""
+
+    name: ClassVar[str] = "dymu-calibration"
+    needs: ClassVar[frozenset[Signal]] = frozenset({Signal.KEY_MEAN})
+    dynamic: ClassVar[bool] = True
+
+    target: float | str = "mid"
+    schedule: str = "constant"
+    cap: float | None = None
+    clamp: bool = False
+    prop_attn: bool = True
+
+    def plan(self, info: EncoderInfo) -> list[int | None]:
+        self.target_tokens, self.merges = merge_schedule(info, self.target, self.schedule, self.clamp)
+        self.sums = torch.zeros(info.num_layers, dtype=torch.float64)
+        self.counts = torch.zeros(info.num_layers, dtype=torch.float64)
+        return [r or None for r in self.merges]
+
+    def tokens_after(self, num_tokens: int, n_prefix: int, budget: int) -> int:
+        return num_tokens
+
+    def reduce(self, state: TokenState, signals: Signals, budget: int, layer: int) -> TokenState:
+        score, partner = bipartite_match(signals.key_mean, state.n_prefix, state.valid)
+        if self.cap is not None:  # edges beyond rank cap * r_l within their own image are masked first
+            rank = score.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
+            score = score.masked_fill(rank >= int(self.cap * budget), float("-inf"))
+        is_src, threshold = batch_top_edges(score, budget * score.shape[0])
+        self.sums[layer] += threshold
+        self.counts[layer] += 1
+        dest, real, n_out = bipartite_merge_map(is_src, partner, state.num_tokens, state.n_prefix, state.valid)
+        return merge_tokens(state, dest, n_out, self.prop_attn, real)
+
+
+def _batches(images: torch.Tensor | Iterable, batch_size: int) -> Iterator[torch.Tensor]:
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4:
+            raise ValueError(f"calibration images must be (N, C, H, W), got shape {tuple(images.shape)}")
+        yield from images.split(batch_size)
+        return
+    for batch in images:
+        if isinstance(batch, dict):
+            batch = batch["pixel_values"]
+        elif isinstance(batch, (tuple, list)):
+            batch = batch[0]
+        yield batch
+
+
+def encoder_forward(handle, pixels: torch.Tensor) -> TokenState:
+    """Run the encoder of a model with vtc applied on ``pixels``; the state after its last block."""
+    adapter, model = handle.adapter, handle.model
+    parameter = next(model.parameters())
+    pixels = pixels.to(parameter.device, parameter.dtype)
+    tower = getattr(adapter, "tower", None)
+    if tower is not None:  # a LLaVA: its tower up to the feature layer
+        tower.encode(pixels, [tower.num_run])
+    elif hasattr(model, "encode_image"):
+        model.encode_image(pixels)
+    elif hasattr(model, "get_image_features"):
+        model.get_image_features(pixel_values=pixels)
+    elif type(model).__module__.startswith("transformers."):
+        model(pixel_values=pixels)
+    else:
+        model(pixels)
+    return (tower or adapter).state
+
+
+def token_counts(model: nn.Module, reducer, images, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
+    """(images,) patch tokens (prefix excluded) leaving the encoder's last block under ``reducer``."""
+    from vtc.apply import apply
+
+    counts = []
+    with torch.inference_mode(), apply(model, reducer) as handle:
+        n_prefix = (getattr(handle.adapter, "tower", None) or handle.adapter).info.n_prefix
+        for pixels in _progress(_batches(images, batch_size), progress, "dymu tokens"):
+            counts.append(encoder_forward(handle, pixels).real_counts().cpu() - n_prefix)
+    return torch.cat(counts)
+
+
+def _progress(batches: Iterable, enabled: bool, what: str) -> Iterable:
+    if not enabled:
+        return batches
+    from tqdm.auto import tqdm
+
+    return tqdm(batches, desc=what, unit="batch")
+
+
+def calibrate(
+    model: nn.Module,
+    images: torch.Tensor | Iterable,
+    target: float | str,
+    *,
+    schedule: str = "constant",
+    batch_size: int = 64,
+    cap: float | None = None,
+    clamp: bool = False,
+    held_out: torch.Tensor | Iterable | None = None,
+    progress: bool = True,
+    accelerator: Any = None,
+) -> Calibration:
+    """Find per-layer DyMU thresholds for ``model`` (dymu.md B.3).
+
+    Args:
+        model: a timm / open_clip / HF CLIP or SigLIP encoder, or an HF LLaVA (its tower up to the
+            vision feature layer), without vtc applied.
+        images: (N, C, H, W) preprocessed pixels (split into ``batch_size`` batches), or an
+            iterable of batches (tensors, ``(pixels, ...)`` tuples or processor outputs).
+        target: average patch tokens (prefix excluded) kept after the last layer, or a preset
+            (``low`` | ``mid`` | ``high``: 1/8, 1/3, 2/3 of the patch tokens).
+        schedule: how the merges ``R = patches - target`` spread over layers (B.2).
+        clamp: move merges a layer cannot make to earlier layers (:func:`merge_schedule`).
+        cap: optional per-image cap ratio (edges beyond rank ``cap * r_l`` of their image masked).
+        held_out: other images on which the realised average is measured and reported.
+        accelerator: an ``accelerate.Accelerator`` whose processes each saw their share of the
+            batches; thresholds and counts are summed over processes (B.3 step 6).
+    """
+    from vtc.apply import apply
+
+    for given in (images, held_out):
+        if given is not None and not isinstance(given, torch.Tensor) and iter(given) is given:
+            raise TypeError("calibration images are read twice (calibration, then the realised count): give a "
+                            "tensor, a list or a DataLoader, not a generator")
+    calibrating = _Calibrating(target=target, schedule=schedule, cap=cap, clamp=clamp)
+    seen = 0
+    with torch.inference_mode(), apply(model, calibrating) as handle:
+        info = (getattr(handle.adapter, "tower", None) or handle.adapter).info
+        for pixels in _progress(_batches(images, batch_size), progress, "dymu calibration"):
+            encoder_forward(handle, pixels)
+            seen += pixels.shape[0]
+    sums, counts, seen_t = calibrating.sums, calibrating.counts, torch.tensor([float(seen)])
+    if accelerator is not None:
+        device = accelerator.device
+        sums, counts, seen_t = (accelerator.reduce(t.to(device), reduction="sum").cpu() for t in (sums, counts, seen_t))
+    if seen_t.item() == 0:
+        raise ValueError("calibration needs at least one image")
+    thresholds = torch.where(counts > 0, sums / counts.clamp(min=1), torch.ones_like(sums))
+    result = Calibration(
+        thresholds=[float(t) if r else 1.0 for t, r in zip(thresholds.tolist(), calibrating.merges)],
+        merges=list(calibrating.merges), schedule=schedule + ("+clamp" if clamp else ""), target=calibrating.target_tokens,
+        encoder={"family": info.family, "num_layers": info.num_layers, "num_tokens": info.num_tokens,
+                 "n_prefix": info.n_prefix},
+        model_id=info.model_id, preset=target if isinstance(target, str) else None,
+        images=int(seen_t.item()), batch_size=batch_size,
+    )
+    reducer = DyMU(thresholds=tuple(result.thresholds), vtu="off")
+
+    def realised(given) -> torch.Tensor:
+        counts = token_counts(model, reducer, given, batch_size, progress)
+        if accelerator is not None:
+            counts = accelerator.gather(counts.to(accelerator.device)).cpu()
+        return counts.float()
+
+    result.realised = float(realised(images).mean())
+    if held_out is not None:
+        counts_held = realised(held_out)
+        result.held_out = float(counts_held.mean())
+        result.held_out_std = float(counts_held.std()) if counts_held.numel() > 1 else 0.0
+    return result
+
+
+def summary(values: torch.Tensor) -> str:
+    """``mean ± std`` of per-image token counts."""
+    values = values.float().tolist()
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.1f} ± {std:.1f}"

@@ -1,0 +1,130 @@
+"""DyMU's DToMe — dynamic token merging with per-layer similarity thresholds (``shared/specs/dymu.md``).
+
+ToMe's bipartite matching (keys averaged over heads, cosine, A = even / B = odd positions,
+size-weighted merge, proportional attention, prefix protected), but each block merges every A
+token whose best edge scores strictly above the block's threshold tau_l (B.1), at most half of
+the image's mergeable tokens. Token counts follow image content, so a batch carries per-image
+counts as padding: later attention masks the padding and pooling is size-weighted over real
+tokens (B.4). Thresholds come from :func:`vtc.dymu.calibrate` (B.3), loaded by name or folder,
+or are given directly.
+
+Departures from the official code, all deliberate (dymu.md g):
+* a batch gives exactly the merges, order and features of single-image runs: exact division by
+  sizes (no ``size + 1e-4``, g.6), stable sorts (g.7), the per-image cap of the single-image path
+  in batches too (g.8); an image with no edge above tau in a block keeps its order (B.1 step 4);
+* similarities are computed in float32 whatever the model's dtype (g.11);
+* a calibrated block merges when its schedule gives it merges (r_l > 0, g.10), whatever its
+  threshold, so a threshold of exactly 1 (duplicate tokens, g.9) still merges what scores above
+  it; explicit thresholds of 1 or more turn their block off; mode never follows
+  ``train()``/``eval()`` (g.12);
+* in a LLaVA the tower runs only up to the vision feature layer, so the layers after it (the last
+  CLIP-L block under layer -2) neither merge nor count (g.17).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+from vtc.merge import bipartite_threshold_matching, merge_tokens
+from vtc.reducers.base import EncoderInfo, EncoderReducer, Reducer, Signal, Signals
+from vtc.state import TokenState
+
+VTU_MODES = ("expand", "exact", "off")
+
+
+class LayerThreshold(NamedTuple):
+    """One block's budget: merge edges scoring above ``threshold``, at most ``cap`` per image."""
+
+    threshold: float
+    cap: int | None = None
+
+
+@dataclass
+class DyMU(EncoderReducer):
+    """Merge every edge above a per-layer threshold; one of ``thresholds``, ``calibration`` or
+    ``preset`` says which thresholds.
+
+    Args:
+        thresholds: one float for every block, or one per block (``1`` = the block never merges,
+            ``-1`` = it merges the most it can).
+        calibration: name or folder of a saved calibration (:func:`vtc.dymu.load_calibration`).
+        preset: ``low`` | ``mid`` | ``high``: the calibration shipped for this model at that
+            preset (dymu.md c; :data:`vtc.dymu.PRESETS`).
+        cap: the optional per-image cap ``int(cap * r_l)`` merges per block, ``r_l`` being the
+            calibration's per-layer average (``max_r_per_instance_ratio``); needs a calibration.
+        prop_attn: proportional attention (``log(size)`` key bias), on in the paper.
+        vtu: virtual token unmerging in a LLaVA's LLM: ``expand`` (the official default),
+            ``exact`` (the paper's formulation) or ``off``; ignored by a bare vision encoder.
+    """
+
+    name: ClassVar[str] = "dymu"
+    needs: ClassVar[frozenset[Signal]] = frozenset({Signal.KEY_MEAN})
+    dynamic: ClassVar[bool] = True
+
+    thresholds: float | tuple[float, ...] | None = None
+    calibration: str | None = None
+    preset: str | None = None
+    cap: float | None = None
+    prop_attn: bool = True
+    vtu: str = "expand"
+
+    def __post_init__(self) -> None:
+        from vtc.dymu import PRESETS
+
+        given = [name for name in ("thresholds", "calibration", "preset") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"dymu: give exactly one of thresholds (one float or one per layer), calibration (a saved "
+                f"calibration's name or folder) or preset ({'|'.join(PRESETS)}); got {given or 'none'}"
+            )
+        if isinstance(self.thresholds, list):
+            self.thresholds = tuple(self.thresholds)
+        values = self.thresholds if isinstance(self.thresholds, tuple) else (self.thresholds,)
+        if self.thresholds is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"dymu: thresholds must be numbers, got {self.thresholds!r}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"dymu: unknown preset {self.preset!r}; allowed: {', '.join(PRESETS)}")
+        if self.cap is not None and (self.cap <= 0 or self.thresholds is not None):
+            raise ValueError("dymu: cap is a positive ratio of the calibration's per-layer merges; it needs "
+                             "calibration= or preset=, not explicit thresholds")
+        if self.vtu not in VTU_MODES:
+            raise ValueError(f"dymu: vtu must be one of {', '.join(VTU_MODES)}, got {self.vtu!r}")
+
+    def plan(self, info: EncoderInfo) -> list[LayerThreshold | None]:
+        from vtc.dymu import find_calibration
+
+        if self.thresholds is not None:
+            taus = self.thresholds if isinstance(self.thresholds, tuple) else (self.thresholds,) * info.num_layers
+            if len(taus) != info.num_layers:
+                raise ValueError(
+                    f"dymu: got {len(taus)} thresholds but this {info.family} encoder has {info.num_layers} layers; "
+                    f"give one per layer or a single value for all"
+                )
+            merges = [None] * info.num_layers
+        else:
+            calibration = find_calibration(info, self.calibration, self.preset)
+            taus, merges = calibration.thresholds, calibration.merges
+        plan: list[LayerThreshold | None] = []
+        for tau, r in zip(taus, merges):
+            gate = tau < 1.0 if r is None else r > 0  # a calibration gates by its schedule (g.9, g.10)
+            cap = None if self.cap is None or r is None else int(self.cap * r)
+            plan.append(LayerThreshold(float(tau), cap) if gate else None)
+        return plan
+
+    def tokens_after(self, num_tokens: int, n_prefix: int, budget: LayerThreshold) -> int:
+        """Counts depend on the image: the planned count is the upper bound (no merge)."""
+        return num_tokens
+
+    def reduce(self, state: TokenState, signals: Signals, budget: LayerThreshold, layer: int) -> TokenState:
+        dest, real, n_out = bipartite_threshold_matching(
+            signals.key_mean, budget.threshold, state.n_prefix, state.valid, budget.cap
+        )
+        if bool((real == state.real_counts()).all()):
+            return state  # no image merged anything: every order stays (B.1 step 4)
+        return merge_tokens(state, dest, n_out, self.prop_attn, real)
+
+    def companions(self) -> tuple[Reducer, ...]:
+        from vtc.reducers.vtu import VirtualUnmerge
+
+        return () if self.vtu == "off" else (VirtualUnmerge(mode=self.vtu),)
