@@ -27,7 +27,8 @@ from torch import nn
 from vtc.models.llava_vision import LlavaTowerAdapter, VisualPipeline, VisualTokens
 from vtc.models.patching import InstancePatcher
 from vtc.reducers.base import ConnectorInfo, Reducer, Site
-from vtc.sequence import Assembled, assemble, image_slots, padding_side
+from vtc.reducers.vtu import VirtualUnmerge
+from vtc.sequence import Assembled, assemble, image_slots, padding_side, virtual_groups
 from vtc.state import TokenState
 
 
@@ -92,18 +93,24 @@ class LlavaAdapter:
         if connector is not None:
             grid = self.tower.info.grid if encoder is None else None
             # LLaVA-NeXT images differ in token count (checked per image when they arrive)
-            count = None if self.is_next else self.tower.planned_token_counts()[-1] - self.pipeline.drop - self.pipeline.n_prefix
+            dynamic = encoder is not None and encoder.dynamic
+            count = None if self.is_next or dynamic else self.tower.planned_token_counts()[-1] - self.pipeline.drop - self.pipeline.n_prefix
             connector.check_connector(ConnectorInfo(self.family, count, self.pipeline.n_prefix, grid))
             if connector.connector_needs:
                 self.tower.extra_needs[self.pipeline.signal_layer] = frozenset(connector.connector_needs)
         self._patcher = InstancePatcher()
-        self.decoder = None
-        if Site.DECODER in reducers:
+        self.decoder = self.vtu = None
+        if isinstance(reducers.get(Site.DECODER), VirtualUnmerge):
+            from vtc.models.vtu import VirtualUnmergeSite
+
+            self.vtu = VirtualUnmergeSite(self.inner.language_model, reducers[Site.DECODER].mode, self._patcher)
+        elif Site.DECODER in reducers:
             from vtc.models.decoder import DecoderSite
 
             self.decoder = DecoderSite(self.inner.language_model, reducers[Site.DECODER], self._patcher)
         self.layout: Assembled | None = None
         self.visual: VisualTokens | None = None
+        self.virtual = None  # vtc.models.vtu.VirtualMap of the last call under virtual unmerging
 
     # ----- reports -------------------------------------------------------------------------------
     @property
@@ -119,6 +126,11 @@ class LlavaAdapter:
         return self.tower.planned_token_counts()
 
     @property
+    def image_token_counts(self) -> torch.Tensor | None:
+        """(views, L + 1) real tokens per image (tile) entering each tower block, then leaving the last."""
+        return self.tower.image_token_counts
+
+    @property
     def visual_tokens(self) -> list[int]:
         """Visual tokens each image of the last call brought into the LLM (newlines included)."""
         return [] if self.visual is None else [f.shape[0] for f in self.visual.features]
@@ -132,8 +144,9 @@ class LlavaAdapter:
     def install(self) -> None:
         try:
             self.tower.install()
-            if self.decoder is not None:
-                self.decoder.install()
+            for site in (self.decoder, self.vtu):
+                if site is not None:
+                    site.install()
             self._patcher.set(self.inner, "forward", functools.partial(self.inner_forward, self.inner.forward))
             self._patcher.set(self.model, "forward", functools.partial(self.outer_forward, self.model.forward))
             self._patcher.set(self.model, "generate", functools.partial(self.generate, self.model.generate))
@@ -153,14 +166,32 @@ class LlavaAdapter:
 
     def build_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, visual: VisualTokens,
                      side: str) -> Assembled:
-        """The rebuilt LLM input for processor ``input_ids`` and the images' reduced tokens."""
+        """The rebuilt LLM input for processor ``input_ids`` and the images' reduced tokens.
+
+        Under virtual unmerging every placeholder a token covers keeps it (the full-length prompt
+        when nothing is dropped) and ``self.virtual`` maps each position to its unique token."""
         if input_ids is None:
             raise ValueError("vtc locates image placeholders from input_ids; pass input_ids with pixel_values, not inputs_embeds")
         slots = image_slots(input_ids, self.config.image_token_id, visual.placeholders)
         embeds = self.inner.get_input_embeddings()(input_ids)
         pad = self.config.text_config.pad_token_id if self.config.text_config.pad_token_id is not None else 0
-        self.layout = assemble(embeds, input_ids, attention_mask, slots, visual.features, visual.anchors,
+        features, anchors, groups = visual.features, visual.anchors, None
+        if self.vtu is not None:
+            features, anchors, groups = [], [], []
+            for feats, cover in zip(visual.features, visual.covers):
+                kept = (cover >= 0).nonzero().squeeze(1)
+                token = cover[kept]
+                first = torch.full((feats.shape[0],), kept.numel(), dtype=torch.long, device=kept.device)
+                first.scatter_reduce_(0, token, torch.arange(kept.numel(), device=kept.device), "amin")
+                features.append(feats[token])
+                anchors.append(kept)
+                groups.append(first[token])
+        self.layout = assemble(embeds, input_ids, attention_mask, slots, features, anchors,
                                side=side, positions=self.positions, pad_token_id=pad)
+        if self.vtu is not None:
+            from vtc.models.vtu import VirtualMap
+
+            self.virtual = VirtualMap(*virtual_groups(self.layout, groups))
         return self.layout
 
     def _check_vision_options(self, kwargs: dict[str, Any]) -> None:
@@ -244,12 +275,16 @@ class LlavaAdapter:
 
     @contextlib.contextmanager
     def decoder_visual(self, layout: Assembled) -> Iterator[None]:
-        """Tell the decoder site which tokens of ``layout`` are visual for the duration of a call."""
-        if self.decoder is None:
-            yield
-            return
-        self.decoder.set_visual(layout.visual)
+        """Tell the decoder site which tokens of ``layout`` are visual (or, under virtual
+        unmerging, which token stands at each position) for the duration of a call."""
+        if self.vtu is not None:
+            self.vtu.set_map(self.virtual)
+        elif self.decoder is not None:
+            self.decoder.set_visual(layout.visual)
         try:
             yield
         finally:
-            self.decoder.set_visual(None)
+            if self.vtu is not None:
+                self.vtu.set_map(None)
+            elif self.decoder is not None:
+                self.decoder.set_visual(None)

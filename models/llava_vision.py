@@ -77,6 +77,7 @@ class VisualTokens:
     features: list[torch.Tensor]  # (K_i, D) per image, LLM width
     anchors: list[torch.Tensor]  # (K_i,) index of each token's first placeholder
     placeholders: list[int]  # placeholders the processor wrote per image (the unreduced count)
+    covers: list[torch.Tensor]  # (placeholders_i,) index into features[i] of the token at each placeholder, -1: none
 
 
 def anchors_of(origin: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -88,19 +89,24 @@ def anchors_of(origin: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return first.scatter_reduce(1, origin.clamp_min(0), position, "amin")
 
 
-def anchor_order(state: TokenState, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def anchor_order(state: TokenState, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Per row, the real tokens of ``x`` (the state's tokens, possibly projected) sorted by their
-    anchor (first slot they cover), and those anchors."""
+    anchor (first slot they cover), those anchors, and for every slot the index of the sorted
+    token covering it (-1: dropped)."""
     slots = state.origin.shape[1]
     anchors = anchors_of(state.origin, x.shape[1])
     real = anchors < slots
     if state.valid is not None:
         real &= state.valid
-    order = anchors.masked_fill(~real, slots).argsort(dim=1)
+    order = anchors.masked_fill(~real, slots).argsort(dim=1, stable=True)
     x = x.gather(1, order[..., None].expand_as(x))
     anchors = anchors.gather(1, order)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    token = state.origin.clamp_min(0)
+    covers = torch.where((state.origin >= 0) & real.gather(1, token), rank.gather(1, token), -1)
     counts = real.sum(dim=1).tolist()
-    return [x[row, :count] for row, count in enumerate(counts)], [anchors[row, :count] for row, count in enumerate(counts)]
+    return ([x[row, :count] for row, count in enumerate(counts)], [anchors[row, :count] for row, count in enumerate(counts)],
+            list(covers))
 
 
 def drop_leading(state: TokenState, count: int, n_prefix: int) -> TokenState:
@@ -194,8 +200,8 @@ class VisualPipeline:
             counts = state.valid.sum(dim=1).tolist() if state.valid is not None else [state.x.shape[1]] * state.x.shape[0]
             state = self._reduce(state, signals, [self.connector.target(n - state.n_prefix) for n in counts])
         x = self._project(state.x) if self.connector is None or self.connector.before_projector else state.x
-        features, kept_anchors = anchor_order(state, x)
-        return VisualTokens(features, kept_anchors, [state.origin.shape[1]] * x.shape[0])
+        features, kept_anchors, covers = anchor_order(state, x)
+        return VisualTokens(features, kept_anchors, [state.origin.shape[1]] * x.shape[0], covers)
 
     # ----- LLaVA-NeXT ----------------------------------------------------------------------------
     def _encode_next(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> VisualTokens:
@@ -214,19 +220,20 @@ class VisualPipeline:
             state = state.replace(x=self._project(state.x))
         side = self.tower.info.grid[0]
         newline = self.inner.image_newline
-        features, anchors, placeholders, start = [], [], [], 0
+        features, anchors, placeholders, covers, start = [], [], [], [], 0
         for size, n in zip(sizes, num_tiles):
             tiles = _take_tiles(state, start, n)
             layout = anyres_layout(size, pinpoints, tile, side, n)
             views = self._next_views(tiles, layout, signals, start)
             if not project_first:
                 views = [view.replace(x=self._project(view.x)) for view in views]
-            feats, anchor = self._pack_next(views, layout, newline)
+            feats, anchor, cover = self._pack_next(views, layout, newline)
             features.append(feats)
             anchors.append(anchor)
+            covers.append(cover)
             placeholders.append(layout.num_placeholders)
             start += n
-        return VisualTokens(features, anchors, placeholders)
+        return VisualTokens(features, anchors, placeholders, covers)
 
     def _next_views(self, tiles: TokenState, layout: AnyResLayout, signals: Signals, start: int) -> list[TokenState]:
         side = layout.side
@@ -247,15 +254,19 @@ class VisualPipeline:
         return reduced
 
     @staticmethod
-    def _pack_next(views: list[TokenState], layout: AnyResLayout, newline: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pack_next(views: list[TokenState], layout: AnyResLayout,
+                   newline: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Base-view tokens, then the map's tokens with ``newline`` after each row that keeps one;
-        with the placeholder index (anchor) of every output token."""
-        (base,), (base_anchor,) = anchor_order(views[0], views[0].x)
+        with the placeholder index (anchor) of every output token and, for every placeholder, the
+        output token covering it (-1: none)."""
+        (base,), (base_anchor,), (base_cover,) = anchor_order(views[0], views[0].x)
         newline = newline.to(base.dtype)
+        n_base = base.shape[0]
         if layout.hires is None:
             end = torch.tensor([layout.base_tokens], device=base.device)
-            return torch.cat([base, newline[None]]), torch.cat([base_anchor, end])
-        (x,), (slot,) = anchor_order(views[1], views[1].x)
+            cover = torch.cat([base_cover, torch.tensor([n_base], device=base.device)])
+            return torch.cat([base, newline[None]]), torch.cat([base_anchor, end]), cover
+        (x,), (slot,), (hires_cover,) = anchor_order(views[1], views[1].x)
         cols = layout.hires.shape[1]
         row = slot // cols
         row_end = torch.ones_like(row, dtype=torch.bool)
@@ -267,7 +278,12 @@ class VisualPipeline:
         anchor = slot.new_empty(packed.shape[0])
         anchor[token_at] = layout.hires_placeholder(slot)
         anchor[newline_at] = layout.base_tokens + row[row_end] * (cols + 1) + cols
-        return torch.cat([base, packed]), torch.cat([base_anchor, anchor])
+        cover = torch.full((layout.num_placeholders,), -1, dtype=torch.long, device=x.device)
+        cover[: layout.base_tokens] = base_cover
+        every = torch.arange(hires_cover.numel(), device=x.device)
+        cover[layout.hires_placeholder(every)] = torch.where(hires_cover >= 0, n_base + token_at[hires_cover.clamp_min(0)], -1)
+        cover[anchor[newline_at]] = n_base + newline_at
+        return torch.cat([base, packed]), torch.cat([base_anchor, anchor]), cover
 
 
 def _take_tiles(state: TokenState, start: int, count: int) -> TokenState:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Every reducer at budgets of 256/128/64/32/16 visual tokens on the shipped shapes checkpoints.
 
-For each model (``shapes-vit``, ``shapes-llava``), reducer (tome, evit, random, pool) and budget:
+For each model (``shapes-vit``, ``shapes-llava``), reducer (tome, evit, random, pool) and budget,
+and DyMU at its shipped presets (with and without virtual unmerging on LLaVA):
 test accuracy overall and per question type, agreement with the unreduced model's predictions,
 FLOPs per image and latency measured side by side with the unreduced model. Writes
 ``results.csv`` and ``pareto.png`` (accuracy vs visual tokens and vs FLOPs) under ``--out``.
@@ -17,7 +18,7 @@ import argparse
 from pathlib import Path
 
 from vtc.cli import positive_int, prepare_output, reducer_spec
-from vtc.shapes_benchmark import BUDGETS, REDUCERS, BenchmarkOptions, format_table, plot_pareto, run, write_csv
+from vtc.shapes_benchmark import BUDGETS, DYMU_PRESETS, REDUCERS, BenchmarkOptions, format_table, plot_pareto, run, write_csv
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=["shapes-vit", "shapes-llava"])
     parser.add_argument("--reducers", nargs="+", default=list(REDUCERS), choices=REDUCERS)
     parser.add_argument("--budgets", nargs="+", type=positive_int, default=list(BUDGETS))
+    parser.add_argument("--dymu-presets", nargs="*", default=list(DYMU_PRESETS), choices=DYMU_PRESETS,
+                        help="shipped DyMU calibrations to run (none: skip DyMU)")
     parser.add_argument("--spec", action="append", default=[], type=reducer_spec,
                         help="an extra reducer spec to run on every model (repeatable)")
     parser.add_argument("--examples", type=positive_int, default=1000, help="test examples (the first ones)")
@@ -37,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     out = prepare_output(parser, args.out, args.overwrite)
     options = BenchmarkOptions(examples=args.examples, budgets=args.budgets, reducers=args.reducers,
                                models=args.models, timing_batch=args.timing_batch, repeats=args.repeats,
-                               progress=not args.no_progress, extra_specs=args.spec)
+                               progress=not args.no_progress, extra_specs=args.spec, dymu_presets=args.dymu_presets)
     try:
         rows = run(options)
     except (ValueError, FileNotFoundError) as error:

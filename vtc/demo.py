@@ -327,6 +327,7 @@ def run_shapes(options: DemoOptions, echo: Callable[[str], None]) -> tuple[list,
         examples=options.examples or (40 if options.quick else 500),
         budgets=QUICK_BUDGETS if options.quick else bench.BUDGETS,
         reducers=() if options.reducers else bench.REDUCERS, extra_specs=list(options.reducers or ()),
+        dymu_presets=() if options.reducers else (("mid",) if options.quick else bench.DYMU_PRESETS),
         models=models, timing_batch=options.batch, repeats=options.repeats, progress=options.progress)
     echo(f"vtc demo: shapes benchmark on {', '.join(models)}: the first {bench_options.examples} test examples, "
          f"budgets {'/'.join(map(str, bench_options.budgets))} visual tokens of 256, timing batch {options.batch}, "

@@ -198,7 +198,12 @@ def compare(model: nn.Module, reducer, images: torch.Tensor, warmup: int = 2, re
         try:
             reduced = run(model, images)
             counts = handle.token_counts
-            flops = analytic_flops(handle.adapter, counts).total
+            per_image = handle.adapter.image_token_counts
+            if handle.adapter.reducer is not None and handle.adapter.reducer.dynamic and per_image is not None:
+                # per-image counts (DyMU): the mean of each image's FLOPs, not the padded batch width
+                flops = round(statistics.fmean(analytic_flops(handle.adapter, row.tolist()).total for row in per_image))
+            else:
+                flops = analytic_flops(handle.adapter, counts).total
             spec = handle.reducers[0].describe() if handle.reducers else "none"
             timing, timing_reference = time_calls(
                 [lambda: run(model, images), lambda: run(baseline, images)], warmup, repeats, images.device

@@ -39,6 +39,25 @@ def llm_flops(language_model: nn.Module, queries: Sequence[int], keys: Sequence[
     return total
 
 
+def vtu_llm_flops(language_model: nn.Module, unique: int, length: int, mode: str, batch: int) -> int:
+    """Analytic prefill FLOPs of the decoder layers under virtual unmerging (dymu.md B.5 (5)):
+    projections and MLP on ``unique`` rows; attention on the ``length`` virtual positions:
+    ``expand`` runs full attention (``4 T^2 d``), ``exact`` forms the dot and cross products of
+    unique rows (``4 U^2 d``) and the grouped value product (``2 T U d``)."""
+    config = language_model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    heads = config.num_attention_heads
+    if mode == "expand":
+        attention = 4 * length * length * heads * head_dim
+    else:
+        attention = 4 * unique * unique * heads * head_dim + 2 * length * unique * heads * head_dim
+    total = 0
+    for layer in language_model.layers:
+        params = _per_token_params(layer.self_attn) + _per_token_params(layer.mlp)
+        total += batch * (2 * unique * params + attention)
+    return total
+
+
 @dataclass
 class StageReport:
     """One stage: FLOPs for the whole batch (counted and analytic) and median seconds per call."""
@@ -203,7 +222,11 @@ def profile(model: nn.Module, inputs: dict, new_tokens: int = 8, warmup: int = 1
     cache = out.cache if hasattr(out, "cache") else out.past_key_values
     cached = [layer.keys.shape[2] for layer in _cache_layers(cache)] or [width + new_tokens - 1] * num_layers
     head = 2 * language_model.config.hidden_size * model.lm_head.out_features * rows
-    predicted_prefill = llm_flops(language_model, counts[:-1], counts[:-1], rows) + head
+    if adapter.vtu is not None:
+        unique = int(adapter.vtu.unique_rows.max())
+        predicted_prefill = vtu_llm_flops(language_model, unique, width, adapter.vtu.mode, rows) + head
+    else:
+        predicted_prefill = llm_flops(language_model, counts[:-1], counts[:-1], rows) + head
     decode_steps = new_tokens - 1
     predicted_decode = sum(
         llm_flops(language_model, [1] * num_layers, [c - decode_steps + step + 1 for c in cached], rows) + head

@@ -156,3 +156,21 @@ def assemble(
         source=source,
         visual_tokens=[int(f.shape[0]) for f in features],
     )
+
+
+def virtual_groups(layout: Assembled, groups: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The virtual map of a rebuilt sequence whose image ``i`` repeats merged tokens: ``groups[i]``
+    (K_i,) gives, for each of its written tokens, the index of the first written token of the same
+    merged token. Returns ``(pi, unique)`` as :func:`vtc.vtu.virtual_map` (text and padding are
+    their own groups)."""
+    from vtc.vtu import virtual_map
+
+    batch, length = layout.input_ids.shape
+    first = torch.arange(length, device=layout.input_ids.device).repeat(batch, 1)
+    for i, group in enumerate(groups):
+        where = (layout.image_index == i).nonzero()
+        if where.shape[0] != group.numel():
+            raise ValueError(f"image {i} has {where.shape[0]} tokens in the sequence but {group.numel()} group entries")
+        if where.shape[0]:
+            first[where[:, 0], where[:, 1]] = where[group.to(where.device), 1]
+    return virtual_map(first)

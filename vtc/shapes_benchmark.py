@@ -10,6 +10,11 @@ its own way (:func:`budget_spec`):
 - ``random`` on LLaVA: at the connector, ``random:tokens=K``;
 - ``pool``: ``pool:tokens=K`` (the connector on LLaVA, after block 0 on the ViT).
 
+DyMU has no fixed budget: its rows run the calibrations shipped with each checkpoint
+(``dymu:preset=low|mid|high``, budget column = the calibration's target average), and report
+tokens per image as mean ± std; on LLaVA once with virtual unmerging (``dymu``) and once
+without (``dymu-novtu``).
+
 A budget of all 256 tokens keeps every token and must reproduce the unreduced model. Latency is
 timed side by side with the unreduced model (:func:`vtc.measure.compare` for the ViT, one
 interleaved loop over all configurations with :func:`vtc.measure_vlm.time_stages` for LLaVA).
@@ -35,6 +40,7 @@ from vtc.measure import compare
 
 BUDGETS = (256, 128, 64, 32, 16)
 REDUCERS = ("tome", "evit", "random", "pool")
+DYMU_PRESETS = ("low", "mid", "high")
 CSV_COLUMNS = ("model", "reducer", "budget", "spec", "visual_tokens", "visual_tokens_std", "accuracy",
                *(f"acc_{q}" for q in shapes.QUESTION_TYPES), "agreement", "gflops_per_image", "flops_ratio",
                "latency_ms", "speedup")
@@ -79,6 +85,7 @@ class BenchmarkOptions:
     batch_size: int = 50
     progress: bool = True
     extra_specs: Sequence[str] = ()  # more spec strings, run on every model (budget column "-")
+    dymu_presets: Sequence[str] = DYMU_PRESETS  # shipped DyMU calibrations to run (empty: none)
 
 
 def geometric_counts(start: int, end: int, steps: int) -> list[int]:
@@ -107,6 +114,20 @@ def budget_spec(reducer: str, budget: int, kind: str, patches: int = 256, layers
     if min(kept) < 1:
         raise ValueError(f"{reducer}: budget {budget} leaves no kept token besides EViT's fused one")
     return f"{reducer}:tokens={';'.join(map(str, kept))};"
+
+
+def dymu_specs(ckpt, presets: Sequence[str]) -> list[tuple[str, int, str]]:
+    """(reducer, budget, spec) of DyMU at each shipped preset of a checkpoint; the budget is the
+    calibration's target. On LLaVA each preset runs with and without virtual unmerging."""
+    from vtc.dymu import load_calibration
+
+    specs = []
+    for preset in presets:
+        target = round(load_calibration(f"{ckpt.name}/{preset}").target)
+        specs.append(("dymu", target, f"dymu:preset={preset}"))
+        if ckpt.kind == "llava":
+            specs.append(("dymu-novtu", target, f"dymu:preset={preset},vtu=off"))
+    return specs
 
 
 def _encoder_tokens(handle) -> list[int]:
@@ -201,6 +222,7 @@ def run(options: BenchmarkOptions) -> list[Row]:
     for ckpt in loaded:
         kind = ckpt.kind
         specs = [(r, b, budget_spec(r, b, kind, layers=_depth(ckpt))) for r in options.reducers for b in options.budgets]
+        specs += dymu_specs(ckpt, options.dymu_presets)
         specs += [(vtc.parse_reducer(s).name, -1, s) for s in options.extra_specs]
         plans.append(specs)
     examples = shapes.examples("test", options.examples)

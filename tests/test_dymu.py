@@ -1,0 +1,246 @@
+"""DyMU's DToMe on every encoder family, and threshold calibration (dymu.md B.1-B.4, checks 1-9).
+
+timm tiny ViTs come from conftest; open_clip and HF towers from families.py; the shipped
+shapes-vit checkpoint gives a trained encoder whose redundancy follows the image.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import families as fam
+import vtc
+from vtc.dymu import Calibration, _Calibrating, calibrate, load_calibration, merge_schedule, token_counts
+from vtc.merge import batch_top_edges
+from vtc.reducers.base import EncoderInfo
+
+FAMILIES = [fam.FAMILIES[name] for name in ("open_clip", "open_clip-attnpool", "hf-clip-vision", "hf-siglip-vision")]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return fam.ModelCache(tmp_path_factory)
+
+
+def varied_images(seed: int = 0) -> torch.Tensor:
+    """Images of decreasing redundancy: smooth, half smooth, noise (32 x 32, as families.IMAGE).
+    Smooth, not flat: exact duplicates put many edges at one score, where the last bit of a
+    padded batch's arithmetic could decide a tie at the threshold."""
+    noise = fam.images(3, seed=seed)
+    coarse = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(seed + 100))
+    smooth = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False)
+    half = noise[1].clone()
+    half[:, :, 16:] = smooth[1, :, :, 16:]
+    return torch.stack([smooth[0], half, noise[2]])
+
+
+def calibrated(model, target="mid") -> tuple[float, ...]:
+    """Thresholds from other images than the tested ones (on its own images a calibrated threshold
+    equals an edge's score, a tie that the last bit of arithmetic decides)."""
+    images = torch.cat([varied_images(seed) for seed in (11, 12)])
+    return tuple(calibrate(model, images, target, batch_size=3, progress=False).thresholds)
+
+
+def test_threshold_one_is_the_unreduced_model(timm_vit, models, tools):
+    for model, forward in [(timm_vit("plain"), lambda m, x: m(x))] + [
+        (models.get(f.name), f.forward) for f in FAMILIES
+    ]:
+        x = varied_images()
+        with torch.no_grad():
+            reference = forward(model, x)
+            with vtc.apply(model, "dymu:thresholds=1.0") as handle:
+                out = forward(model, x)
+                counts = handle.image_token_counts
+        assert torch.equal(out, reference)
+        assert bool((counts == counts[:, :1]).all())
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=str)
+def test_minus_one_in_one_layer_merges_the_most_it_allows(models, family):
+    model = models.get(family.name)
+    n0 = 64 + family.n_prefix
+    with torch.no_grad(), vtc.apply(model, "dymu:thresholds=1;-1;1;1") as handle:
+        family.forward(model, varied_images())
+        counts = handle.image_token_counts
+    expected = n0 - (n0 - family.n_prefix) // 2
+    assert counts[:, 1].tolist() == [n0] * 3 and counts[:, 2:].tolist() == [[expected] * 3] * 3
+    tools_state = handle.state
+    assert tools_state.valid is None  # every image merged the same number: no padding
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=str)
+def test_batch_equals_single_runs_with_per_image_counts(models, family):
+    model = models.get(family.name)
+    x = varied_images()
+    thresholds = calibrated(model)
+    with torch.no_grad(), vtc.apply(model, vtc.DyMU(thresholds=thresholds)) as handle:
+        batched = family.forward(model, x)
+        batch_counts = handle.image_token_counts
+        singles, single_counts = [], []
+        for i in range(3):
+            singles.append(family.forward(model, x[i:i + 1]))
+            single_counts.append(handle.image_token_counts)
+    assert torch.equal(batch_counts, torch.cat(single_counts))
+    assert len(set(batch_counts[:, -1].tolist())) == 3, "the three images should keep different counts"
+    torch.testing.assert_close(batched, torch.cat(singles), rtol=1e-5, atol=1e-5)
+
+
+def test_timm_batch_equals_single_runs_and_state_maps(timm_vit, tools):
+    model = timm_vit("plain")
+    x = varied_images()
+    thresholds = calibrated(model)
+    with torch.no_grad(), vtc.apply(model, vtc.DyMU(thresholds=thresholds)) as handle:
+        batched = model(x)
+        state = handle.state
+        counts = handle.image_token_counts[:, -1]
+        singles = torch.cat([model(x[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(batched, singles, rtol=1e-5, atol=1e-5)
+    assert counts.tolist() == state.valid.sum(1).tolist() and len(set(counts.tolist())) == 3
+    n0 = state.origin.shape[1]
+    for b in range(3):  # check 4: sizes of real tokens sum to N0, origin only points at real tokens
+        real = state.valid[b]
+        assert float(state.size[b][real].sum()) == n0 and float(state.size[b][~real].sum()) == 0
+        assert bool(real[state.origin[b]].all())
+        assert state.origin[b, 0] == 0 and state.size[b, 0] == 1  # CLS first, alone
+
+
+def test_flat_images_get_fewer_tokens_than_noisy_ones(shapes_vit):
+    """The same thresholds give a flat image fewer tokens than a noisy one (content-dependent counts)."""
+    model = shapes_vit.model
+    generator = torch.Generator().manual_seed(0)
+    flat = torch.zeros(1, 3, 64, 64)
+    noisy = torch.rand(1, 3, 64, 64, generator=generator) * 2 - 1
+    counts = token_counts(model, "dymu:preset=mid", torch.cat([flat, noisy]))
+    assert counts[0] < counts[1], counts.tolist()
+
+
+def test_batch_top_edges_select_exactly_b_times_r():
+    """Check 6: one calibration batch: B * r edges above the threshold, which is the (B r + 1)-th score."""
+    score = torch.randn(4, 9, generator=torch.Generator().manual_seed(1), dtype=torch.float64).abs()
+    is_src, threshold = batch_top_edges(score, 4 * 3)
+    assert int(is_src.sum()) == 12 and int((score > threshold).sum()) == 12
+    assert threshold == score.flatten().sort(descending=True).values[12].item()
+    duplicates = torch.cat([torch.full((1, 9), 0.99, dtype=torch.float64), torch.rand(3, 9, dtype=torch.float64) * 0.5])
+    is_src, _ = batch_top_edges(duplicates, 4 * 3)
+    assert int(is_src[0].sum()) == 9  # the redundant image takes more than its r = 3 merges
+    negative = -torch.rand(2, 5, dtype=torch.float64)
+    assert batch_top_edges(negative, 2)[1] == 0.0  # clamped at 0
+
+
+def test_running_mean_over_batches(timm_vit):
+    """Check 7: a layer's threshold is the mean of its per-batch thresholds."""
+    model = timm_vit("plain")
+    x = torch.cat([varied_images(seed) for seed in range(3)])
+    per_batch = []
+    for batch in x.split(3):
+        single = calibrate(model, batch, "mid", batch_size=3, progress=False)
+        per_batch.append(single.thresholds[0])  # layer 0 sees the unmerged batch in both runs
+    whole = calibrate(model, x, "mid", batch_size=3, progress=False)
+    assert whole.thresholds[0] == pytest.approx(sum(per_batch) / 3, rel=1e-9)
+
+
+def test_calibration_hits_its_target_within_five_percent(shapes_vit):
+    from vtc.data import shapes, training
+
+    images = training.pixels([e.image for e in shapes.examples("train", 96, start=5000)])
+    for target in ("mid", 120):
+        result = calibrate(shapes_vit.model, images, target, batch_size=32, progress=False)
+        assert abs(result.realised - result.target) <= 0.05 * result.target, (target, result.realised, result.target)
+    low = calibrate(shapes_vit.model, images, "low", batch_size=32, progress=False, clamp=True)
+    assert abs(low.realised - low.target) <= 0.05 * low.target and low.schedule == "constant+clamp"
+
+
+def test_calibration_saves_loads_and_refuses_other_models(tmp_path, timm_vit, shapes_vit):
+    model = timm_vit("plain")
+    result = calibrate(model, varied_images(), "high", batch_size=3, progress=False, held_out=varied_images(5))
+    assert result.held_out is not None and result.held_out_std is not None
+    folder = result.save(tmp_path / "cal")
+    assert sorted(p.name for p in folder.iterdir()) == ["dymu.json", "thresholds.safetensors"]
+    with pytest.raises(FileExistsError, match="overwrite"):
+        result.save(folder)
+    loaded = load_calibration(folder)
+    assert loaded.thresholds == pytest.approx(result.thresholds) and loaded.merges == result.merges
+    x = varied_images(7)
+    with torch.no_grad():
+        with vtc.apply(model, vtc.DyMU(calibration=str(folder))):
+            from_file = model(x)
+        with vtc.apply(model, vtc.DyMU(thresholds=tuple(loaded.thresholds))):
+            direct = model(x)
+    assert torch.equal(from_file, direct)
+    with pytest.raises(ValueError, match="was made for an encoder with"):
+        vtc.apply(shapes_vit.model, vtc.DyMU(calibration=str(folder)))
+    meta = json.loads((folder / "dymu.json").read_text())
+    meta["model_id"] = "someone/else"
+    (folder / "dymu.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="someone/else"):
+        vtc.apply(model, vtc.DyMU(calibration=str(folder)))
+
+
+def test_shipped_presets_load_by_name(shapes_vit):
+    for preset in ("low", "mid", "high"):
+        by_name = load_calibration(f"shapes-vit/{preset}")
+        assert by_name.preset == preset and by_name.model_id == "shapes-vit"
+        assert abs(by_name.held_out - by_name.target) <= 0.1 * by_name.target
+    with torch.no_grad(), vtc.apply(shapes_vit.model, "dymu:preset=low") as handle:
+        shapes_vit.model(torch.zeros(1, 3, 64, 64))
+        assert handle.image_token_counts[0, -1] < 257
+
+
+def test_bad_input_gives_clear_errors(timm_vit):
+    model = timm_vit("plain")
+    with pytest.raises(ValueError, match="got 2 thresholds but this timm encoder has 4 layers"):
+        vtc.apply(model, "dymu:thresholds=0.9;0.8")
+    with pytest.raises(ValueError, match="exactly one of"):
+        vtc.parse_reducer("dymu")
+    with pytest.raises(ValueError, match="exactly one of"):
+        vtc.parse_reducer("dymu:thresholds=0.9,preset=low")
+    with pytest.raises(ValueError, match="unknown preset"):
+        vtc.parse_reducer("dymu:preset=tiny")
+    with pytest.raises(ValueError, match="no calibration ships"):
+        vtc.apply(model, "dymu:preset=low")
+    with pytest.raises(ValueError, match="outside 1..64"):
+        calibrate(model, varied_images(), 65, progress=False)
+    with pytest.raises(ValueError, match="vtu must be one of"):
+        vtc.parse_reducer("dymu:thresholds=0.9,vtu=fast")
+    with pytest.raises(TypeError, match="generator"):
+        calibrate(model, (x for x in [varied_images()]), "mid", progress=False)
+    with pytest.raises(FileNotFoundError, match="no DyMU calibration"):
+        load_calibration("nowhere/low")
+
+
+def test_merge_schedule_presets_and_clamp():
+    info = EncoderInfo("timm", 24, 577, 1, True, (24, 24))
+    assert merge_schedule(info, "low", "constant") == (72.0, [21] * 24)  # the paper's 72out: R = 504
+    assert merge_schedule(info, "mid", "constant")[1] == [16] * 24
+    assert merge_schedule(info, "high", "constant")[1] == [8] * 24
+    shallow = EncoderInfo("timm", 6, 257, 1, True, (16, 16))
+    with pytest.raises(ValueError, match="clamp=True"):
+        merge_schedule(shallow, "low", "constant")
+    target, merges = merge_schedule(shallow, "low", "constant", clamp=True)
+    assert sum(merges) == 256 - 32
+    n = 257
+    for r in merges:  # every layer now within ToMe's cap
+        assert r <= (n - 1) // 2
+        n -= r
+
+
+def test_calibrating_reducer_records_one_threshold_per_batch(timm_vit):
+    model = timm_vit("plain")
+    reducer = _Calibrating(target="mid")
+    with torch.no_grad(), vtc.apply(model, reducer):
+        model(varied_images())
+        model(varied_images(1))
+    assert reducer.counts.tolist() == [2.0 if r else 0.0 for r in reducer.merges]
+
+
+def test_accelerate_single_process_matches_plain_calibration(timm_vit):
+    accelerate = pytest.importorskip("accelerate")
+    model = timm_vit("plain")
+    x = varied_images()
+    plain = calibrate(model, x, "mid", batch_size=3, progress=False)
+    accelerated = calibrate(model, x, "mid", batch_size=3, progress=False, accelerator=accelerate.Accelerator(cpu=True))
+    assert accelerated.thresholds == pytest.approx(plain.thresholds) and accelerated.realised == plain.realised
+    assert isinstance(accelerated, Calibration)

@@ -1,0 +1,102 @@
+"""Virtual token unmerging, the tensor algebra (``shared/specs/dymu.md`` B.5). No model classes.
+
+A *virtual map* ``pi`` (B, T) gives, for every position of the full-length sequence, the row of
+the unique (merged) token standing there; ``width`` is the number of unique rows (padded across
+the batch). Text tokens are their own groups; a merged visual token covers all its positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def virtual_map(first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pi, unique)`` from ``first`` (B, T): for every position the position of the first copy
+    of its group (itself for a group's first copy). Unique rows are numbered in order of first
+    appearance; ``unique`` (B,) counts them per row."""
+    position = torch.arange(first.shape[1], device=first.device)
+    if bool((first > position).any()):
+        raise ValueError("virtual_map: a position's group must start at or before it")
+    leads = first == position
+    row = leads.long().cumsum(dim=1) - 1
+    return row.gather(1, first), leads.sum(dim=1)
+
+
+def group_mean(x: torch.Tensor, pi: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width, ...) mean of the rows of ``x`` (B, T, ...) in each group: ``(M^T M)^-1 M^T x``
+    (B.5 (4)); a unique row no position maps to comes out as zeros."""
+    shape = (x.shape[0], width, *x.shape[2:])
+    index = pi.view(*pi.shape, *([1] * (x.dim() - 2))).expand_as(x)
+    total = torch.zeros(shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    total.scatter_add_(1, index, x.to(total.dtype))
+    count = torch.zeros(x.shape[0], width, dtype=total.dtype, device=x.device)
+    count.scatter_add_(1, pi, torch.ones_like(pi, dtype=total.dtype))
+    count = count.clamp(min=1).view(*count.shape, *([1] * (x.dim() - 2)))
+    return (total / count).to(x.dtype)
+
+
+def expand(x: torch.Tensor, pi: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``M x``: the unique rows of ``x`` gathered to full length along ``dim`` (B.5 ``E = M E_un``)."""
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = pi.shape
+    index = pi.view(shape).expand(*x.shape[:dim], pi.shape[1], *x.shape[dim + 1 :])
+    return x.gather(dim, index)
+
+
+def rope_logits(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
+    """RoPE attention logits of the virtual sequence from unique rows (B.5 (2), paper Eq. 10).
+
+    ``q`` (B, H, U, d) and ``k`` (B, H, U, d) are un-rotated unique queries and keys (rotate-half
+    pairing: coordinate f with f + d/2), ``cos``/``sin`` (B, T, d) the rotary tables at the full
+    positions. Per frequency f, the dot part ``G_f = q_a k_a^T + q_b k_b^T`` and the cross part
+    ``H_f = q_a k_b^T - q_b k_a^T`` are formed on unique rows and weighted at full positions by
+    ``cos((m-n) theta_f)`` and ``sin((m-n) theta_f)`` (as products of the tables, so attention
+    scaling folded into them carries over). Returns (B, H, T, T) ``rope(Q[pi]) rope(K[pi])^T``.
+    Memory: one (B, H, T, T) accumulator and one frequency's terms at a time.
+    """
+    half = q.shape[-1] // 2
+    qa, qb, ka, kb = q[..., :half], q[..., half:], k[..., :half], k[..., half:]
+    c, s = cos[..., :half].unsqueeze(1), sin[..., :half].unsqueeze(1)  # (B, 1, T, d/2)
+    rows = pi[:, None, :, None]
+    cols = pi[:, None, None, :]
+    logits = None
+    for f in range(half):
+        dot = qa[..., f : f + 1] @ ka[..., f : f + 1].transpose(-1, -2) + qb[..., f : f + 1] @ kb[..., f : f + 1].transpose(-1, -2)
+        cross = qa[..., f : f + 1] @ kb[..., f : f + 1].transpose(-1, -2) - qb[..., f : f + 1] @ ka[..., f : f + 1].transpose(-1, -2)
+        dot, cross = _expand2(dot, rows, cols), _expand2(cross, rows, cols)
+        cm, sm = c[..., f, None], s[..., f, None]  # (B, 1, T, 1): position m
+        cn, sn = cm.transpose(-1, -2), sm.transpose(-1, -2)  # position n
+        term = dot * (cm * cn + sm * sn) + cross * (sm * cn - cm * sn)
+        logits = term if logits is None else logits + term
+    return logits
+
+
+def _expand2(unique: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """(B, H, U, U) -> (B, H, T, T) at ``[pi(m), pi(n)]``."""
+    batch, heads = unique.shape[:2]
+    t = rows.shape[2]
+    out = unique.gather(2, rows.expand(batch, heads, t, unique.shape[3]))
+    return out.gather(3, cols.expand(batch, heads, t, t))
+
+
+def exact_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pi: torch.Tensor,
+    mask: torch.Tensor | None, scaling: float,
+) -> torch.Tensor:
+    """Attention of the virtual sequence from unique rows (B.5 (2)-(3)): softmax of
+    :func:`rope_logits` with the (B|1, 1, T, T) ``mask`` (bool: True = attend; float: added; None:
+    causal), then ``(P M) V_un``: probabilities summed over each group's columns before the value
+    product. Returns (B, H, T, d), one output per position (before the copies are averaged)."""
+    logits = rope_logits(q, k, cos, sin, pi)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) * scaling
+    t = logits.shape[-1]
+    if mask is None:
+        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    if mask.dtype == torch.bool:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    else:
+        logits = logits + mask.to(logits.dtype)
+    probs = logits.softmax(dim=-1).nan_to_num(0.0)  # a fully masked row attends to nothing
+    grouped = torch.zeros(*probs.shape[:3], v.shape[2], dtype=probs.dtype, device=probs.device)
+    grouped.scatter_add_(3, pi[:, None, None, :].expand_as(probs), probs)
+    return (grouped.to(v.dtype) @ v)
