@@ -178,7 +178,7 @@ def test_identity_map_is_the_stock_model_and_cache_is_full_length(llama):
             site.set_map(VirtualMap(pi, unique))
             try:
                 out = llama(ids, use_cache=True)
-                assert out.past_key_values.get_seq_length() == 9
+                assert out.cache.get_seq_length() == 9
                 torch.testing.assert_close(out.logits, reference)
                 generated = llama.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
             finally:
