@@ -10,6 +10,9 @@ ViT (``--vit``): per preset, DyMU's mean ± std patch tokens leaving the encoder
 per-layer ``r`` giving the same mean (``clamp=true``); images/s of the unreduced model, DyMU (a
 padded batch: every image pays the batch's widest sequence) and ToMe, timed interleaved.
 
+Both as one padded batch (``--batch``) and one image at a time (``--singles`` images), where each
+image runs at its own count.
+
 LLaVA (``--llava``): ``scaled`` or ``7b`` (the LLaVA-1.5-7B-shaped random-weight models of
 ``bench_llava.py``) or ``shapes-llava`` (shipped); vision + prefill latency of the unreduced model
 and DyMU with ``vtu=off``, ``expand`` and ``exact``, all in one interleaved loop, with prefill FLOPs.
@@ -88,19 +91,20 @@ def bench_vit(args) -> list[dict]:
             model(images)
             tome_tokens = handle.state.num_tokens - info.n_prefix
 
-        def under(reducer):
+        def under(reducer, batches):
             def call():
                 with vtc.apply(model, *([reducer] if reducer else [])):
-                    return model(images)
+                    return [model(batch) for batch in batches]
             return call
 
-        full_t, dymu_t, tome_t = time_calls([under(None), under(dymu), under(tome)], warmup=1, repeats=args.repeats,
-                                            device=images.device)
-        rows.append({
-            "preset": preset, "dymu_tokens_mean": mean, "dymu_tokens_std": counts.std().item(),
-            "tome_tokens": tome_tokens, "full_images_per_s": args.batch / full_t.median,
-            "dymu_images_per_s": args.batch / dymu_t.median, "tome_images_per_s": args.batch / tome_t.median,
-        })
+        row = {"preset": preset, "dymu_tokens_mean": mean, "dymu_tokens_std": counts.std().item(), "tome_tokens": tome_tokens}
+        for label, batches in (("batch", [images]), ("single", list(images[:args.singles].split(1)))):
+            full_t, dymu_t, tome_t = time_calls([under(None, batches), under(dymu, batches), under(tome, batches)],
+                                                warmup=1, repeats=args.repeats, device=images.device)
+            seen = sum(batch.shape[0] for batch in batches)
+            row.update({f"{label}_full_img_per_s": seen / full_t.median, f"{label}_dymu_img_per_s": seen / dymu_t.median,
+                        f"{label}_tome_img_per_s": seen / tome_t.median})
+        rows.append(row)
         print(rows[-1], flush=True)
     return rows
 
@@ -166,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", choices=("vit", "llava"), default=None)
     parser.add_argument("--pretrained", action="store_true", help="timm hub weights for --vit timm:<name>")
     parser.add_argument("--batch", type=positive_int, default=64, help="ViT images per batch")
+    parser.add_argument("--singles", type=positive_int, default=8, help="ViT images also timed one at a time")
     parser.add_argument("--llava-batch", type=positive_int, default=1, help="LLaVA prompts per batch")
     parser.add_argument("--calibration-images", type=positive_int, default=512)
     parser.add_argument("--repeats", type=positive_int, default=5)

@@ -221,11 +221,21 @@ def test_llava_next_without_merges_equals_the_stock_model(llava_next):
     assert torch.equal(generated, stock)
 
 
+@pytest.fixture(scope="module")
+def tiny_dymu(llava):
+    """DyMU-mid thresholds for the tiny LLaVA towers (calibrated on random 32 px images)."""
+    from vtc.dymu import calibrate
+
+    images = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    return vtc.DyMU(thresholds=tuple(calibrate(llava[0], images, "mid", batch_size=4, progress=False).thresholds))
+
+
 @pytest.mark.parametrize("kind", ["llava", "next"])
-def test_merged_batch_equals_single_runs_in_generate(llava, llava_next, kind):
+@pytest.mark.parametrize("merger", ["tome", "dymu"])
+def test_merged_batch_equals_single_runs_in_generate(llava, llava_next, tiny_dymu, kind, merger):
     model, processor = llava if kind == "llava" else llava_next
     inputs = _inputs(processor, 3, seed=4)
-    spec = "tome:r=3"
+    spec = "tome:r=3" if merger == "tome" else tiny_dymu
     with torch.no_grad(), vtc.apply(model, spec, "vtu") as handle:
         batched = model.generate(**inputs, max_new_tokens=4, do_sample=False)
         rows = handle.vtu.unique_rows.clone()
@@ -287,3 +297,14 @@ def test_vtu_bad_input_and_conflicts(llava):
         import timm
 
         vtc.apply(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8), "vtu")
+
+
+@pytest.mark.parametrize("mode", ["expand", "exact"])
+def test_profile_counts_vtu_prefill_flops_exactly(llava, tiny_dymu, mode):
+    from vtc.measure_vlm import profile
+
+    model, processor = llava
+    inputs = _inputs(processor, 2, seed=6)
+    with vtc.apply(model, vtc.DyMU(thresholds=tiny_dymu.thresholds, vtu=mode)):
+        report = profile(model, inputs, new_tokens=2, timed=False)
+    assert report.prefill.flops_ratio == pytest.approx(1.0)

@@ -208,7 +208,7 @@ class _Calibrating(EncoderReducer):
         return num_tokens
 
     def reduce(self, state: TokenState, signals: Signals, budget: int, layer: int) -> TokenState:
-        score, partner = bipartite_match(signals.key_mean, state.n_prefix, state.valid)
+        score, partner = bipartite_match(signals.key_mean.float(), state.n_prefix, state.valid)
         if self.cap is not None:  # edges beyond rank cap * r_l within their own image are masked first
             rank = score.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
             score = score.masked_fill(rank >= int(self.cap * budget), float("-inf"))

@@ -12,7 +12,8 @@ Departures from the official code, all deliberate (dymu.md g):
 * a batch gives exactly the merges, order and features of single-image runs: exact division by
   sizes (no ``size + 1e-4``, g.6), stable sorts (g.7), the per-image cap of the single-image path
   in batches too (g.8); an image with no edge above tau in a block keeps its order (B.1 step 4);
-* similarities are computed in float32 whatever the model's dtype (g.11);
+* similarities are float32 dot products (also in the Triton kernel: no half-precision tensor
+  cores) of the keys averaged in the model's dtype, in calibration and inference alike (g.11);
 * a calibrated block merges when its schedule gives it merges (r_l > 0, g.10), whatever its
   threshold, so a threshold of exactly 1 (duplicate tokens, g.9) still merges what scores above
   it; explicit thresholds of 1 or more turn their block off; mode never follows
@@ -117,8 +118,8 @@ class DyMU(EncoderReducer):
         return num_tokens
 
     def reduce(self, state: TokenState, signals: Signals, budget: LayerThreshold, layer: int) -> TokenState:
-        dest, real, n_out = bipartite_threshold_matching(
-            signals.key_mean, budget.threshold, state.n_prefix, state.valid, budget.cap
+        dest, real, n_out = bipartite_threshold_matching(  # float32 scores whatever the model's dtype (g.11)
+            signals.key_mean.float(), budget.threshold, state.n_prefix, state.valid, budget.cap
         )
         if bool((real == state.real_counts()).all()):
             return state  # no image merged anything: every order stays (B.1 step 4)
