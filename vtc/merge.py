@@ -89,11 +89,15 @@ def bipartite_merge_map(
     """The destination map merging the selected A tokens ``is_src`` (B, N_A) into their
     ``partner`` B tokens, with per-image counts: ``(dest, real, n_out)`` as
     :func:`bipartite_threshold_matching` returns them. An image without any source keeps its
-    order (the identity map), as a single-image run that skips the step would (dymu.md B.1 step 4)."""
+    order (the identity map), as a single-image run that skips the step would (dymu.md B.1 step 4).
+
+    The padded width is the most real tokens any image keeps: padding that does not fit folds into
+    the last slot (padding has size 0, so it adds nothing to the size-weighted merge)."""
     dest, real = _destinations(is_src, partner, n, n_prefix, valid)
     idle = ~is_src.any(dim=1, keepdim=True)
     dest = torch.where(idle, torch.arange(n, device=dest.device).expand_as(dest), dest)
-    return dest, real, n - int(is_src.sum(dim=1).min())
+    n_out = int(real.max()) if real.numel() else n
+    return dest.clamp(max=max(n_out - 1, 0)), real, n_out
 
 
 def _rank(score: torch.Tensor) -> torch.Tensor:
@@ -145,16 +149,20 @@ def merge_tokens(
     """Size-weighted merge of every token into its destination (no token is dropped).
 
     Sizes add up, so ``sum(size)`` and ``sum(size * x)`` are conserved. Raster order is lost.
-    ``real`` (B,): per-image counts of real output tokens (the first slots; the rest is padding).
+    ``real`` (B,): per-image counts of real output tokens (the first slots; the rest is padding,
+    whose size is 0 and which may share a slot with a real token without changing it).
     """
-    x, size = merge_weighted(state.x, state.size, dest, n_out)
+    size = state.size
+    if state.valid is not None:  # padding weighs nothing, wherever it lands
+        size = state.sizes().masked_fill(~state.valid, 0)
+    x, size = merge_weighted(state.x, size, dest, n_out)
     valid = None
-    if state.valid is not None or (real is not None and bool((real < n_out).any())):
-        source = state.valid if state.valid is not None else torch.ones_like(dest, dtype=torch.bool)
+    if real is not None:  # real tokens first, padding (possibly folded into one slot) after
+        if bool((real < n_out).any()):
+            valid = torch.arange(n_out, device=dest.device) < real[:, None]
+    elif state.valid is not None:
         valid = torch.zeros(dest.shape[0], n_out, dtype=torch.bool, device=dest.device)
-        valid.scatter_(1, dest, source)
-        if real is not None:
-            valid &= torch.arange(n_out, device=dest.device) < real[:, None]
+        valid.scatter_(1, dest, state.valid)
     return state.replace(
         x=x, size=size, origin=remap_origin(state.origin, dest), valid=valid, grid=None,
         prop_attn=state.prop_attn or prop_attn,
