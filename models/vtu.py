@@ -14,6 +14,7 @@ positions and the cache positions, and ``generate`` keeps its bookkeeping. Insta
   per position and ``forward`` logits line up with the input (the last position's logits are
   those of its own group, dymu.md g.16).
 
+Hidden states HF records between layers (``output_hidden_states``) have one row per unique token.
 Only the prefill of a prompt with images is virtual; decode steps (and calls without a map) run
 the stock code on the full-length cache. Attention modules must be Llama-like (``q_proj``,
 ``k_proj``, ``v_proj``, ``o_proj``, ``head_dim``, rotate-half RoPE from their modeling module).

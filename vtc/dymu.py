@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -344,9 +343,3 @@ def calibrate(
         result.held_out_std = float(counts_held.std()) if counts_held.numel() > 1 else 0.0
     return result
 
-
-def summary(values: torch.Tensor) -> str:
-    """``mean ± std`` of per-image token counts."""
-    values = values.float().tolist()
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.1f} ± {std:.1f}"
