@@ -203,10 +203,12 @@ def test_llava_without_merges_equals_the_stock_model(llava, mode):
     with torch.no_grad():
         reference = model(**inputs).logits
         stock = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+        beams = model.generate(**inputs, max_new_tokens=4, do_sample=False, num_beams=3)
         with vtc.apply(model, f"vtu:mode={mode}") as handle:
             out = model(**inputs).logits
-            generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
             assert handle.vtu.unique_rows.tolist() == [real.shape[1]] * 2  # every position its own row
+            generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+            assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False, num_beams=3), beams)
     torch.testing.assert_close(out[real], reference[real], rtol=1e-5, atol=1e-5)
     assert torch.equal(generated, stock)
 
