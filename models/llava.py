@@ -30,6 +30,7 @@ from vtc.reducers.base import ConnectorInfo, Reducer, Site
 from vtc.reducers.vtu import VirtualUnmerge
 from vtc.sequence import Assembled, assemble, image_slots, padding_side, virtual_groups
 from vtc.state import TokenState
+from vtc.vtu import repeat_covered
 
 
 def _llava_classes() -> tuple[type, ...]:
@@ -177,15 +178,8 @@ class LlavaAdapter:
         pad = self.config.text_config.pad_token_id if self.config.text_config.pad_token_id is not None else 0
         features, anchors, groups = visual.features, visual.anchors, None
         if self.vtu is not None:
-            features, anchors, groups = [], [], []
-            for feats, cover in zip(visual.features, visual.covers):
-                kept = (cover >= 0).nonzero().squeeze(1)
-                token = cover[kept]
-                first = torch.full((feats.shape[0],), kept.numel(), dtype=torch.long, device=kept.device)
-                first.scatter_reduce_(0, token, torch.arange(kept.numel(), device=kept.device), "amin")
-                features.append(feats[token])
-                anchors.append(kept)
-                groups.append(first[token])
+            repeated = [repeat_covered(f, cover) for f, cover in zip(visual.features, visual.covers)]
+            features, anchors, groups = ([r[i] for r in repeated] for i in range(3))
         self.layout = assemble(embeds, input_ids, attention_mask, slots, features, anchors,
                                side=side, positions=self.positions, pad_token_id=pad)
         if self.vtu is not None:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vtc.vtu import virtual_map
+
 POSITION_RULES = ("contiguous", "original")
 PADDING_SIDES = ("left", "right")
 
@@ -163,8 +165,6 @@ def virtual_groups(layout: Assembled, groups: list[torch.Tensor]) -> tuple[torch
     (K_i,) gives, for each of its written tokens, the index of the first written token of the same
     merged token. Returns ``(pi, unique)`` as :func:`vtc.vtu.virtual_map` (text and padding are
     their own groups)."""
-    from vtc.vtu import virtual_map
-
     batch, length = layout.input_ids.shape
     first = torch.arange(length, device=layout.input_ids.device).repeat(batch, 1)
     for i, group in enumerate(groups):

@@ -22,6 +22,19 @@ def virtual_map(first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return row.gather(1, first), leads.sum(dim=1)
 
 
+def repeat_covered(features: torch.Tensor, cover: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One image's tokens written at every placeholder they cover.
+
+    ``features`` (K, D) are the image's tokens, ``cover`` (P,) the token at each placeholder (-1:
+    none). Returns the repeated features (P', D) for the P' covered placeholders, those
+    placeholders' indices (P',), and for each the index (within P') of its token's first copy."""
+    kept = (cover >= 0).nonzero().squeeze(1)
+    token = cover[kept]
+    first = torch.full((features.shape[0],), kept.numel(), dtype=torch.long, device=kept.device)
+    first.scatter_reduce_(0, token, torch.arange(kept.numel(), device=kept.device), "amin")
+    return features[token], kept, first[token]
+
+
 def group_mean(x: torch.Tensor, pi: torch.Tensor, width: int) -> torch.Tensor:
     """(B, width, ...) mean of the rows of ``x`` (B, T, ...) in each group: ``(M^T M)^-1 M^T x``
     (B.5 (4)); a unique row no position maps to comes out as zeros."""
