@@ -96,7 +96,8 @@ class LlavaAdapter:
             # LLaVA-NeXT images differ in token count (checked per image when they arrive)
             dynamic = encoder is not None and encoder.dynamic
             count = None if self.is_next or dynamic else self.tower.planned_token_counts()[-1] - self.pipeline.drop - self.pipeline.n_prefix
-            connector.check_connector(ConnectorInfo(self.family, count, self.pipeline.n_prefix, grid))
+            connector.check_connector(ConnectorInfo(self.family, count, self.pipeline.n_prefix, grid,
+                                                    self.tower.info.has_cls))
             if connector.connector_needs:
                 self.tower.extra_needs[self.pipeline.signal_layer] = frozenset(connector.connector_needs)
         self._patcher = InstancePatcher()

@@ -12,12 +12,14 @@ from vtc.cli import main
 from vtc.data import shapes
 from vtc.data.evaluate import classifier_scores, vlm_scores
 from vtc.data.training import pixels
-from vtc.shapes_benchmark import BUDGETS, REDUCERS, BenchmarkOptions, budget_spec, geometric_counts, run
+from vtc.shapes_benchmark import BUDGETS, CONNECTOR_ONLY, REDUCERS, BenchmarkOptions, budget_spec, geometric_counts, run
 
 HALF_BUDGET_EXAMPLES = 300
 # Reducers below random pruning at 128 of 256 tokens, with what was measured on the first 300 test
 # examples; the test checks that each stays an exception (so this list is kept true).
 BELOW_RANDOM = {
+    ("shapes-llava", "holov"): "holov at 128 tokens: 0.397 vs random 0.400 on the first 300 test examples (one "
+                               "question); only the digit column carries signal on this model (see BENCHMARKS.md)",
     ("shapes-vit", "pool"): "pool acts after block 0 and averages pairs of 4-px patches before attention has "
                             "read the 6x10-px digit: 0.310 vs random 0.627 (random drops after blocks 1, 3, 4)",
 }
@@ -42,9 +44,10 @@ def test_every_budget_is_reached_exactly(reducer, shapes_vit, shapes_llava):
     x = pixels([e.image for e in batch])
     inputs = _llava_inputs(shapes_llava, batch)
     for budget in BUDGETS:
-        with vtc.apply(shapes_vit.model, budget_spec(reducer, budget, "timm")) as handle, torch.inference_mode():
-            shapes_vit.model(x)
-            assert handle.state.num_tokens - handle.state.n_prefix == budget
+        if reducer not in CONNECTOR_ONLY:
+            with vtc.apply(shapes_vit.model, budget_spec(reducer, budget, "timm")) as handle, torch.inference_mode():
+                shapes_vit.model(x)
+                assert handle.state.num_tokens - handle.state.n_prefix == budget
         with vtc.apply(shapes_llava.model, budget_spec(reducer, budget, "llava")) as handle, torch.inference_mode():
             shapes_llava.model(**inputs)
             assert handle.visual_tokens == [budget] * 3
@@ -54,12 +57,13 @@ def test_every_budget_is_reached_exactly(reducer, shapes_vit, shapes_llava):
 def test_a_budget_of_all_tokens_is_the_unreduced_model(reducer, shapes_vit, shapes_llava):
     batch = shapes.examples("test", 6)
     x = pixels([e.image for e in batch])
-    with torch.inference_mode():
-        reference = shapes_vit.model(x)
-        with vtc.apply(shapes_vit.model, budget_spec(reducer, 256, "timm")):
-            reduced = shapes_vit.model(x)
-    torch.testing.assert_close(reduced, reference, rtol=0, atol=1e-5)
-    assert torch.equal(reduced.argmax(-1), reference.argmax(-1))
+    if reducer not in CONNECTOR_ONLY:
+        with torch.inference_mode():
+            reference = shapes_vit.model(x)
+            with vtc.apply(shapes_vit.model, budget_spec(reducer, 256, "timm")):
+                reduced = shapes_vit.model(x)
+        torch.testing.assert_close(reduced, reference, rtol=0, atol=1e-5)
+        assert torch.equal(reduced.argmax(-1), reference.argmax(-1))
     inputs = _llava_inputs(shapes_llava, batch)
     settings = dict(max_new_tokens=2, do_sample=False, output_scores=True, return_dict_in_generate=True)
     with torch.inference_mode():
@@ -76,8 +80,9 @@ def half_budget_accuracy(shapes_vit, shapes_llava):
     batch = shapes.examples("test", HALF_BUDGET_EXAMPLES)
     out = {}
     for reducer in REDUCERS:
-        with vtc.apply(shapes_vit.model, budget_spec(reducer, 128, "timm")):
-            out["shapes-vit", reducer] = classifier_scores(shapes_vit.model, batch).accuracy
+        if reducer not in CONNECTOR_ONLY:
+            with vtc.apply(shapes_vit.model, budget_spec(reducer, 128, "timm")):
+                out["shapes-vit", reducer] = classifier_scores(shapes_vit.model, batch).accuracy
         with vtc.apply(shapes_llava.model, budget_spec(reducer, 128, "llava")):
             out["shapes-llava", reducer] = vlm_scores(shapes_llava.model, shapes_llava.processor, batch,
                                                       batch_size=100).accuracy
@@ -87,6 +92,8 @@ def half_budget_accuracy(shapes_vit, shapes_llava):
 @pytest.mark.parametrize("model", ["shapes-vit", "shapes-llava"])
 @pytest.mark.parametrize("reducer", [r for r in REDUCERS if r != "random"])
 def test_half_the_tokens_keeps_at_least_random_pruning_accuracy(model, reducer, half_budget_accuracy):
+    if model == "shapes-vit" and reducer in CONNECTOR_ONLY:
+        pytest.skip(f"{reducer} acts at a VLM's connector; the classifier has none")
     accuracy, random = half_budget_accuracy[model, reducer], half_budget_accuracy[model, "random"]
     if (model, reducer) in BELOW_RANDOM:
         assert accuracy < random, f"no longer an exception, update BELOW_RANDOM: {half_budget_accuracy}"
@@ -97,7 +104,8 @@ def test_half_the_tokens_keeps_at_least_random_pruning_accuracy(model, reducer, 
 @pytest.mark.parametrize("call, message", [
     (lambda: budget_spec("tome", 300, "timm"), "budget 300 is not between 1 and the 256 visual tokens"),
     (lambda: budget_spec("tome", 0, "llava"), "budget 0"),
-    (lambda: budget_spec("holov", 64, "llava"), "unknown reducer 'holov'"),
+    (lambda: budget_spec("fastv", 64, "llava"), "unknown reducer 'fastv'"),
+    (lambda: budget_spec("holov", 64, "timm"), "holov acts at a VLM's connector; a timm classifier has none"),
     (lambda: run(BenchmarkOptions(budgets=(512,), models=("shapes-vit",))), r"budget\(s\) \[512\] outside 1..256"),
     (lambda: run(BenchmarkOptions(models=("shapes-vitt",))), "unknown checkpoint name 'shapes-vitt'"),
 ])
@@ -115,15 +123,17 @@ def test_quick_demo_runs_the_shapes_benchmark(tmp_path):
         group = [r for r in rows if r["model"] == model]
         dymu = [("dymu", "85")] + ([("dymu-novtu", "85")] if model == "shapes-llava" else [])  # the mid preset
         assert [(r["reducer"], r["budget"]) for r in group] == [("none", "256")] + [
-            (reducer, str(b)) for reducer in REDUCERS for b in (256, 64, 16)] + dymu
+            (reducer, str(b)) for reducer in REDUCERS for b in (256, 64, 16)
+            if model == "shapes-llava" or reducer not in CONNECTOR_ONLY] + dymu
         for row in group:
             if row["reducer"].startswith("dymu"):  # per-image counts around the calibration's target
                 assert float(row["visual_tokens_std"]) > 0 and float(row["flops_ratio"]) < 1.0
                 continue
             assert float(row["visual_tokens"]) == int(row["budget"])
             assert 0 <= float(row["accuracy"]) <= 1 and float(row["gflops_per_image"]) > 0
-            if row["budget"] == "256":
-                assert float(row["agreement"]) == 1.0 and float(row["flops_ratio"]) == pytest.approx(1.0)
+            if row["budget"] == "256":  # connector reducers still compute their signal (HoloV: one CLS row)
+                tolerance = 0.01 if row["reducer"] in CONNECTOR_ONLY else 1e-6
+                assert float(row["agreement"]) == 1.0 and float(row["flops_ratio"]) == pytest.approx(1.0, abs=tolerance)
             else:
                 assert float(row["flops_ratio"]) < 1.0
     with Image.open(out / "pareto.png") as picture:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from vtc.models import find_adapter
@@ -110,3 +111,22 @@ def apply(model: nn.Module, *reducers: Reducer | str, **options) -> Handle:
     handle = Handle(model, adapter, parsed)
     model.__dict__[_HANDLE_ATTR] = handle
     return handle
+
+
+def run_encoder(handle, pixels: torch.Tensor) -> TokenState:
+    """Run the encoder of a model with vtc applied on ``pixels``; the state after its last block."""
+    adapter, model = handle.adapter, handle.model
+    parameter = next(model.parameters())
+    pixels = pixels.to(parameter.device, parameter.dtype)
+    tower = getattr(adapter, "tower", None)
+    if tower is not None:  # a LLaVA: its tower up to the feature layer
+        tower.encode(pixels, [tower.num_run])
+    elif hasattr(model, "encode_image"):
+        model.encode_image(pixels)
+    elif hasattr(model, "get_image_features"):
+        model.get_image_features(pixel_values=pixels)
+    elif type(model).__module__.startswith("transformers."):
+        model(pixel_values=pixels)
+    else:
+        model(pixels)
+    return (tower or adapter).state

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from vtc.apply import apply, run_encoder
 from vtc.budget import constant_total, linear_total
 from vtc.kernels import bipartite_match
 from vtc.merge import batch_top_edges, bipartite_merge_map, merge_capacity, merge_tokens
@@ -232,34 +233,13 @@ def _batches(images: torch.Tensor | Iterable, batch_size: int) -> Iterator[torch
         yield batch
 
 
-def encoder_forward(handle, pixels: torch.Tensor) -> TokenState:
-    """Run the encoder of a model with vtc applied on ``pixels``; the state after its last block."""
-    adapter, model = handle.adapter, handle.model
-    parameter = next(model.parameters())
-    pixels = pixels.to(parameter.device, parameter.dtype)
-    tower = getattr(adapter, "tower", None)
-    if tower is not None:  # a LLaVA: its tower up to the feature layer
-        tower.encode(pixels, [tower.num_run])
-    elif hasattr(model, "encode_image"):
-        model.encode_image(pixels)
-    elif hasattr(model, "get_image_features"):
-        model.get_image_features(pixel_values=pixels)
-    elif type(model).__module__.startswith("transformers."):
-        model(pixel_values=pixels)
-    else:
-        model(pixels)
-    return (tower or adapter).state
-
-
 def token_counts(model: nn.Module, reducer, images, batch_size: int = 64, progress: bool = False) -> torch.Tensor:
     """(images,) patch tokens (prefix excluded) leaving the encoder's last block under ``reducer``."""
-    from vtc.apply import apply
-
     counts = []
     with torch.inference_mode(), apply(model, reducer) as handle:
         n_prefix = (getattr(handle.adapter, "tower", None) or handle.adapter).info.n_prefix
         for pixels in _progress(_batches(images, batch_size), progress, "dymu tokens"):
-            counts.append(encoder_forward(handle, pixels).real_counts().cpu() - n_prefix)
+            counts.append(run_encoder(handle, pixels).real_counts().cpu() - n_prefix)
     return torch.cat(counts)
 
 
@@ -300,8 +280,6 @@ def calibrate(
         accelerator: an ``accelerate.Accelerator`` whose processes each saw their share of the
             batches; thresholds and counts are summed over processes (B.3 step 6).
     """
-    from vtc.apply import apply
-
     for given in (images, held_out):
         if given is not None and not isinstance(given, torch.Tensor) and iter(given) is given:
             raise TypeError("calibration images are read twice (calibration, then the realised count): give a "
@@ -311,7 +289,7 @@ def calibrate(
     with torch.inference_mode(), apply(model, calibrating) as handle:
         info = (getattr(handle.adapter, "tower", None) or handle.adapter).info
         for pixels in _progress(_batches(images, batch_size), progress, "dymu calibration"):
-            encoder_forward(handle, pixels)
+            run_encoder(handle, pixels)
             seen += pixels.shape[0]
     sums, counts, seen_t = calibrating.sums, calibrating.counts, torch.tensor([float(seen)])
     if accelerator is not None:

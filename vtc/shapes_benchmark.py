@@ -8,7 +8,8 @@ its own way (:func:`budget_spec`):
 - ``evit`` (and ``random`` on the ViT): explicit kept counts at EViT's drop layers, geometric
   down to the budget (EViT's fused token is counted, so it keeps ``budget - 1`` plus the fused one);
 - ``random`` on LLaVA: at the connector, ``random:tokens=K``;
-- ``pool``: ``pool:tokens=K`` (the connector on LLaVA, after block 0 on the ViT).
+- ``pool``: ``pool:tokens=K`` (the connector on LLaVA, after block 0 on the ViT);
+- ``holov``: ``holov:k=K`` at the LLaVA connector (not run on the ViT, which has no connector).
 
 DyMU has no fixed budget: its rows run the calibrations shipped with each checkpoint
 (``dymu:preset=low|mid|high``, budget column = the calibration's target average), and report
@@ -39,7 +40,8 @@ from vtc.data.training import pixels
 from vtc.measure import compare
 
 BUDGETS = (256, 128, 64, 32, 16)
-REDUCERS = ("tome", "evit", "random", "pool")
+REDUCERS = ("tome", "evit", "random", "pool", "holov")
+CONNECTOR_ONLY = ("holov",)  # run on the VLM only (a classifier has no connector)
 DYMU_PRESETS = ("low", "mid", "high")
 CSV_COLUMNS = ("model", "reducer", "budget", "spec", "visual_tokens", "visual_tokens_std", "accuracy",
                *(f"acc_{q}" for q in shapes.QUESTION_TYPES), "agreement", "gflops_per_image", "flops_ratio",
@@ -105,6 +107,10 @@ def budget_spec(reducer: str, budget: int, kind: str, patches: int = 256, layers
     if reducer == "tome":
         counts = [patches, *geometric_counts(patches, budget, layers)]
         return "tome:r=" + ";".join(str(a - b) for a, b in zip(counts, counts[1:])) + ("" if layers > 1 else ";")
+    if reducer in CONNECTOR_ONLY:
+        if kind != "llava":
+            raise ValueError(f"{reducer} acts at a VLM's connector; a {kind} classifier has none")
+        return f"{reducer}:k={budget}"
     if reducer == "pool" or (reducer == "random" and kind == "llava"):
         return f"{reducer}:tokens={budget}"
     drops = default_drop_layers(layers)
@@ -221,7 +227,8 @@ def run(options: BenchmarkOptions) -> list[Row]:
     plans = []
     for ckpt in loaded:
         kind = ckpt.kind
-        specs = [(r, b, budget_spec(r, b, kind, layers=_depth(ckpt))) for r in options.reducers for b in options.budgets]
+        specs = [(r, b, budget_spec(r, b, kind, layers=_depth(ckpt))) for r in options.reducers for b in options.budgets
+                 if kind == "llava" or r not in CONNECTOR_ONLY]
         specs += dymu_specs(ckpt, options.dymu_presets)
         specs += [(vtc.parse_reducer(s).name, -1, s) for s in options.extra_specs]
         plans.append(specs)

@@ -7,13 +7,15 @@ from vtc.reducers.base import (
 from vtc.reducers.drop import EViT, RandomDrop
 from vtc.reducers.dymu import DyMU
 from vtc.reducers.exit import VisualExit
+from vtc.reducers.holov import HoloV
 from vtc.reducers.pool import Pool
 from vtc.reducers.registry import REDUCERS, parse_reducer, to_spec
 from vtc.reducers.tome import ToMe
 from vtc.reducers.vtu import VirtualUnmerge
 
 __all__ = [
-    "ConnectorInfo", "ConnectorReducer", "DecoderInfo", "DecoderReducer", "DyMU", "EViT", "EncoderInfo", "EncoderReducer",
+    "ConnectorInfo", "ConnectorReducer", "DecoderInfo", "DecoderReducer", "DyMU", "EViT", "EncoderInfo",
+    "EncoderReducer", "HoloV",
     "Pool", "REDUCERS", "RandomDrop", "Reducer", "Signal", "Signals", "Site", "ToMe", "VirtualUnmerge", "VisualExit",
     "parse_reducer", "to_spec",
 ]

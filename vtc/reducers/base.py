@@ -125,6 +125,7 @@ class ConnectorInfo:
     num_tokens: int | None  # reducible visual tokens per image (None: they vary per image, checked at run time)
     n_prefix: int  # leading tokens kept as they are (the CLS token under the "full" strategy)
     grid: tuple[int, int] | None  # patch grid of those tokens while still in raster order
+    has_cls: bool = True  # the tower has a CLS token (whose attention row signals can give)
 
 
 class ConnectorReducer(Reducer):

@@ -13,11 +13,12 @@ from vtc.reducers.base import Reducer
 from vtc.reducers.drop import EViT, RandomDrop
 from vtc.reducers.dymu import DyMU
 from vtc.reducers.exit import VisualExit
+from vtc.reducers.holov import HoloV
 from vtc.reducers.pool import Pool
 from vtc.reducers.tome import ToMe
 from vtc.reducers.vtu import VirtualUnmerge
 
-REDUCERS: dict[str, type[Reducer]] = {cls.name: cls for cls in (ToMe, EViT, DyMU, RandomDrop, Pool, VisualExit, VirtualUnmerge)}
+REDUCERS: dict[str, type[Reducer]] = {cls.name: cls for cls in (ToMe, EViT, DyMU, HoloV, RandomDrop, Pool, VisualExit, VirtualUnmerge)}
 
 
 def _value(text: str) -> Any:
