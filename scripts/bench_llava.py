@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Prefill cost against visual-token count on a LLaVA-1.5-7B-shaped model with random weights.
 
-The visual-token count K (default 576, 288, 144, 64, 16) is set by ``pool:tokens=K`` at the
-connector (2-D average pooling of the 24x24 CLIP grid; 576 runs with no reducer). For each K the
+The visual-token count K (default 576, 288, 144, 64, 16) is set at the connector by each of
+``--reducers`` (default ``pool``: ``pool:tokens=K``; ``holov``: ``holov:k=K``; ``random``), all in
+one interleaved loop beside the unreduced model (the first row); HoloV and random also run at
+K=576 when asked (their own overhead shows there). The connector (2-D average pooling of the 24x24 CLIP grid; 576 runs with no reducer). For each K the
 script counts FLOPs per stage with :func:`vtc.measure_vlm.profile` (``torch.utils.flop_counter``
 beside the analytic count), then times vision, prefill and decode for every K in one interleaved
 loop (:func:`vtc.measure_vlm.time_stages`) and reports them relative to K=576.
@@ -97,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="scaled", help="model shape (default scaled)")
     parser.add_argument("--tokens", type=parse_counts, default=[576, 288, 144, 64, 16],
                         help="visual-token counts to measure (default 576,288,144,64,16)")
+    parser.add_argument("--reducers", nargs="+", choices=("pool", "holov", "random"), default=["pool"],
+                        help="connector reducers setting K (default pool)")
     parser.add_argument("--batch", type=int, default=1, help="prompts per batch (default 1)")
     parser.add_argument("--new-tokens", type=int, default=4, help="tokens generated for the decode stage (default 4)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per stage (default 5)")
@@ -118,13 +122,16 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     model = build_model(args.shape, getattr(torch, args.dtype), args.device, args.seed)
     inputs = build_inputs(args.batch, args.device, args.seed)
-    specs = [() if count == 576 else (f"pool:tokens={count}",) for count in args.tokens]
+    option = {"pool": "tokens", "random": "tokens", "holov": "k"}
+    cases = [("none", 576)] + [(name, count) for name in args.reducers for count in args.tokens
+                               if not (name == "pool" and count == 576)]
+    specs = [() if name == "none" else (f"{name}:{option[name]}={count}",) for name, count in cases]
     rows = []
-    for count, spec in zip(args.tokens, specs):
+    for (name, count), spec in zip(cases, specs):
         with vtc.apply(model, *spec):
             report = profile(model, inputs, new_tokens=args.new_tokens, timed=False)
         rows.append({
-            "visual_tokens": count, "seen": report.visual_tokens[0], "prompt_tokens": report.prompt_tokens[0],
+            "reducer": name, "visual_tokens": count, "seen": report.visual_tokens[0], "prompt_tokens": report.prompt_tokens[0],
             "prefill_gflops": report.prefill.flops / 1e9, "prefill_flops_measured_over_predicted": report.prefill.flops_ratio,
             "vision_gflops": report.vision.flops / 1e9, "decode_gflops": report.decode.flops / 1e9,
             "kv_cache_mib": report.kv_cache_bytes / 2**20,
@@ -137,14 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         row["prefill_ms"] = stage["prefill"] * 1e3
         row["vision_ms"] = stage["vision"] * 1e3
         row["decode_ms_per_token"] = stage["decode"] * 1e3 / max(1, args.new_tokens - 1)
-    base = next((r for r in rows if r["visual_tokens"] == 576), rows[0])
+    base = rows[0]  # the unreduced model
     for row in rows:
         row["prefill_speedup"] = base["prefill_ms"] / row["prefill_ms"]
         row["prefill_flops_reduction"] = base["prefill_gflops"] / row["prefill_gflops"]
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     header = (f"LLaVA-1.5-7B-shaped ({args.shape}), {args.dtype}, batch {args.batch}, {device}, "
               f"{args.warmup} warm-up + {args.repeats} interleaved repeats, torch {torch.__version__}")
-    columns = ["visual_tokens", "prompt_tokens", "prefill_gflops", "prefill_flops_measured_over_predicted", "prefill_ms",
+    columns = ["reducer", "visual_tokens", "prompt_tokens", "prefill_gflops", "prefill_flops_measured_over_predicted", "prefill_ms",
                "prefill_speedup", "prefill_flops_reduction", "vision_ms", "decode_ms_per_token", "kv_cache_mib"]
     if rows[0]["peak_memory_mib"] is not None:
         columns.append("peak_memory_mib")
