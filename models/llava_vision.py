@@ -89,16 +89,18 @@ def anchors_of(origin: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return first.scatter_reduce(1, origin.clamp_min(0), position, "amin")
 
 
-def anchor_order(state: TokenState, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+def anchor_order(state: TokenState, x: torch.Tensor,
+                 keep_order: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """Per row, the real tokens of ``x`` (the state's tokens, possibly projected) sorted by their
-    anchor (first slot they cover), those anchors, and for every slot the index of the sorted
-    token covering it (-1: dropped)."""
+    anchor (first slot they cover) or, with ``keep_order``, in the state's order; those anchors,
+    and for every slot the index of the ordered token covering it (-1: dropped)."""
     slots = state.origin.shape[1]
     anchors = anchors_of(state.origin, x.shape[1])
     real = anchors < slots
     if state.valid is not None:
         real &= state.valid
-    order = anchors.masked_fill(~real, slots).argsort(dim=1, stable=True)
+    order = (~real).long() if keep_order else anchors.masked_fill(~real, slots)
+    order = order.argsort(dim=1, stable=True)
     x = x.gather(1, order[..., None].expand_as(x))
     anchors = anchors.gather(1, order)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
@@ -200,7 +202,8 @@ class VisualPipeline:
             counts = state.valid.sum(dim=1).tolist() if state.valid is not None else [state.x.shape[1]] * state.x.shape[0]
             state = self._reduce(state, signals, [self.connector.target(n - state.n_prefix) for n in counts])
         x = self._project(state.x) if self.connector is None or self.connector.before_projector else state.x
-        features, kept_anchors, covers = anchor_order(state, x)
+        ordered = self.connector is not None and self.connector.ordered
+        features, kept_anchors, covers = anchor_order(state, x, keep_order=ordered)
         return VisualTokens(features, kept_anchors, [state.origin.shape[1]] * x.shape[0], covers)
 
     # ----- LLaVA-NeXT ----------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from vtc.reducers.holov import _by_crop, band_crops, block_crops, crop_quotas, d
 
 def _keep(x, attention, k, crops, real=None, **options):
     real = torch.ones(x.shape[:2], dtype=torch.bool) if real is None else real
-    return holov_keep(x, attention, real, torch.full((x.shape[0],), k), band_crops(real, crops), crops, **options)
+    return holov_keep(x, attention, real, torch.full((x.shape[0],), k), band_crops(real, crops), crops, **options)[0]
 
 
 def test_exactly_k_tokens_for_every_k_and_crop_count():
@@ -33,7 +33,7 @@ def test_exactly_k_with_padded_rows_of_different_lengths():
     attention = torch.rand(3, 20, generator=generator)
     real = torch.arange(20) < torch.tensor([[20], [13], [7]])
     for k in (1, 4, 7):
-        keep = holov_keep(x, attention, real, torch.full((3,), k), band_crops(real, 3), 3)
+        keep, _ = holov_keep(x, attention, real, torch.full((3,), k), band_crops(real, 3), 3)
         assert keep.sum(1).tolist() == [k] * 3 and not bool((keep & ~real).any())
 
 
@@ -180,3 +180,22 @@ def test_siglip_tower_is_refused(tmp_path):
     model, _ = llava_models.build_llava(tmp_path, vision="siglip", strategy="full")
     with pytest.raises(ValueError, match="no CLS token"):
         vtc.apply(model, "holov:k=4")
+
+
+def test_code_order_feeds_crops_in_turn_best_first(llava, llava_next):
+    import llava_models
+
+    model, processor = llava
+    inputs = processor(images=llava_models.images(2, seed=9), text=llava_models.prompts(2), return_tensors="pt", padding=True)
+    with torch.no_grad(), vtc.apply(model, "holov:k=6,crops=2,order=code,rank=attention") as handle:
+        model(**inputs)
+        anchors = handle.adapter.visual.anchors
+        attention = handle.adapter.tower.signals[handle.adapter.pipeline.signal_layer].cls_attn[:, 1:]
+    for row, anchor in enumerate(anchors):  # 16 patches in 2 bands of 8: crop = anchor // 8
+        crop = (anchor // 8).tolist()
+        assert crop == sorted(crop)
+        for c in set(crop):
+            scores = attention[row, anchor[(anchor // 8) == c]]
+            assert bool((scores.diff() <= 0).all())
+    with pytest.raises(ValueError, match="order=code is for LLaVA-1.5"):
+        vtc.apply(llava_next[0], "holov:k=6,order=code")

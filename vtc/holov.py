@@ -37,7 +37,7 @@ def prune(model: nn.Module, pixels: torch.Tensor, k: int, **options) -> tuple[to
     real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
     crops = reducer.crop_count(x.shape[1], k)
     crop = block_crops(real, info.grid, crops) if reducer.shape == "blocks" else band_crops(real, crops)
-    keep = holov_keep(x, attention, real, torch.full((x.shape[0],), k, device=x.device), crop, crops,
+    keep, _ = holov_keep(x, attention, real, torch.full((x.shape[0],), k, device=x.device), crop, crops,
                       reducer.lam, reducer.tau, reducer.rank)
     indices = keep.nonzero()[:, 1].view(x.shape[0], k)
     return x.gather(1, indices[..., None].expand(-1, -1, x.shape[-1])), indices

@@ -138,6 +138,12 @@ class ConnectorReducer(Reducer):
     connector_needs: ClassVar[frozenset[Signal]] = frozenset()
     before_projector: ClassVar[bool] = True
 
+    @property
+    def ordered(self) -> bool:
+        """True when the tokens :meth:`reduce_visual` returns enter the LLM in that order (instead
+        of the raster order of the patches they cover)."""
+        return False
+
     def check_connector(self, info: ConnectorInfo) -> None:
         """Raise ValueError when the reducer cannot act on this model's visual sequence."""
         if info.num_tokens is not None:

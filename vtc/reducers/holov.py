@@ -17,9 +17,9 @@ Paper rules by default, departures and code variants named:
   tiles of the patch grid); the crop count defaults to the paper's ``floor(1024 / K)``, scaled by
   ``N / 576`` for other token counts (``floor(1024 N / (576 K))``, at least 1);
 * the variance is the paper's off-diagonal variance (the code also counts the zeroed diagonal);
-* kept tokens enter the LLM in raster order (LLaVA-NeXT: per view, see ``vtc.models.llava_vision``),
-  with the positions of the adapter's position rule; the code's crop-then-attention order is not
-  offered;
+* kept tokens enter the LLM in raster order (``order=raster``; LLaVA-NeXT: per view) or, with
+  ``order=code`` (LLaVA-1.5 only), as the official code feeds them: crop by crop, best first inside
+  a crop; positions follow the adapter's position rule either way;
 * on LLaVA-NeXT the budget is split between the base view and the high-resolution map in
   proportion to their sizes (vtc's connector rule) instead of pruning their concatenation at once.
 """
@@ -32,13 +32,14 @@ from typing import ClassVar
 
 import torch
 
-from vtc.merge import keep_top
+from vtc.merge import keep_tokens, keep_top
 from vtc.reducers.base import ConnectorInfo, ConnectorReducer, Signal, Signals, Site
 from vtc.state import TokenState
 
 EPS = 1e-6
 CROP_SHAPES = ("bands", "blocks")
 RANKS = ("holistic", "attention")
+ORDERS = ("raster", "code")
 
 
 def default_crops(num_tokens: int, k: int) -> int:
@@ -131,9 +132,10 @@ def crop_quotas(weight: torch.Tensor, sizes: torch.Tensor, k: torch.Tensor) -> t
 def holov_keep(
     x: torch.Tensor, attention: torch.Tensor, real: torch.Tensor, k: torch.Tensor, crop: torch.Tensor, crops: int,
     lam: float = 1.0, tau: float = 1.0, rank: str = "holistic",
-) -> torch.Tensor:
-    """(B, N) bool of the tokens HoloV keeps: ``k[b]`` per row among ``real``, from features
-    ``x`` (B, N, D), CLS attention (B, N) and each token's ``crop`` (B, N; -1 padding)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(keep, ranking)``: (B, N) bool of the tokens HoloV keeps, ``k[b]`` per row among ``real``,
+    from features ``x`` (B, N, D), CLS attention (B, N) and each token's ``crop`` (B, N; -1
+    padding); and (B, N) the score that ranked each token inside its crop."""
     index, sizes = _by_crop(crop, crops)
     present = index >= 0
     a = attention.float().gather(1, index.clamp(min=0).view(index.shape[0], -1)).view(index.shape) * present
@@ -152,7 +154,9 @@ def holov_keep(
     keep = torch.zeros_like(real)
     batch = torch.arange(index.shape[0], device=index.device)[:, None, None].expand_as(index)
     keep[batch[chosen], index[chosen]] = True
-    return keep
+    scores = torch.zeros(real.shape, dtype=ranking.dtype, device=real.device)
+    scores[batch[present], index[present]] = ranking[present]
+    return keep, scores
 
 
 @dataclass
@@ -166,6 +170,7 @@ class HoloV(ConnectorReducer):
         lam: weight of the rescaled similarity variance (paper 1, LLaVA code 0.09).
         tau: crop-weight sharpness (1 in paper experiments and code).
         rank: ``holistic`` (paper) or ``attention`` (code) inside a crop.
+        order: ``raster`` or ``code`` (crop by crop, best first), the order tokens enter the LLM.
     """
 
     name: ClassVar[str] = "holov"
@@ -179,6 +184,7 @@ class HoloV(ConnectorReducer):
     lam: float = 1.0
     tau: float = 1.0
     rank: str = "holistic"
+    order: str = "raster"
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or self.k <= 0:
@@ -189,10 +195,18 @@ class HoloV(ConnectorReducer):
             raise ValueError(f"holov: shape must be one of {', '.join(CROP_SHAPES)}, got {self.shape!r}")
         if self.rank not in RANKS:
             raise ValueError(f"holov: rank must be one of {', '.join(RANKS)}, got {self.rank!r}")
+        if self.order not in ORDERS:
+            raise ValueError(f"holov: order must be one of {', '.join(ORDERS)}, got {self.order!r}")
         if self.lam < 0 or self.tau <= 0:
             raise ValueError(f"holov: lam must be >= 0 and tau > 0, got lam={self.lam}, tau={self.tau}")
 
+    @property
+    def ordered(self) -> bool:
+        return self.order == "code"
+
     def check_connector(self, info: ConnectorInfo) -> None:
+        if self.order == "code" and info.family == "llava-next":
+            raise ValueError("holov: order=code is for LLaVA-1.5; LLaVA-NeXT packs each view's rows in raster order")
         if not info.has_cls:
             raise ValueError(
                 "holov scores tokens by the vision tower's CLS attention, and this tower has no CLS token "
@@ -228,6 +242,12 @@ class HoloV(ConnectorReducer):
             crop = block_crops(real, state.grid, crops)
         else:
             crop = band_crops(real, crops)
-        keep = holov_keep(x, attention, real, targets, crop, crops, self.lam, self.tau, self.rank)
+        keep, ranking = holov_keep(x, attention, real, targets, crop, crops, self.lam, self.tau, self.rank)
+        if self.order == "code":  # crop by crop, best first inside a crop
+            if bool((targets != targets[0]).any()):
+                raise ValueError("holov: order=code needs the same k for every image")
+            best_first = ranking.argsort(dim=1, descending=True, stable=True)
+            by_crop = crop.masked_fill(~keep, crops).gather(1, best_first).argsort(dim=1, stable=True)
+            return keep_tokens(state, best_first.gather(1, by_crop)[:, : int(targets[0])] + p)
         score = torch.cat([torch.ones(keep.shape[0], p, device=x.device), keep.float()], dim=1)
         return keep_top(state, score, targets)
