@@ -44,7 +44,7 @@ def calibrated(model, target="mid") -> tuple[float, ...]:
     return tuple(calibrate(model, images, target, batch_size=3, progress=False).thresholds)
 
 
-def test_threshold_one_is_the_unreduced_model(timm_vit, models, tools):
+def test_threshold_one_is_the_unreduced_model(timm_vit, models):
     for model, forward in [(timm_vit("plain"), lambda m, x: m(x))] + [
         (models.get(f.name), f.forward) for f in FAMILIES
     ]:
@@ -67,8 +67,7 @@ def test_minus_one_in_one_layer_merges_the_most_it_allows(models, family):
         counts = handle.image_token_counts
     expected = n0 - (n0 - family.n_prefix) // 2
     assert counts[:, 1].tolist() == [n0] * 3 and counts[:, 2:].tolist() == [[expected] * 3] * 3
-    tools_state = handle.state
-    assert tools_state.valid is None  # every image merged the same number: no padding
+    assert handle.state.valid is None  # every image merged the same number: no padding
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=str)
@@ -88,7 +87,7 @@ def test_batch_equals_single_runs_with_per_image_counts(models, family):
     torch.testing.assert_close(batched, torch.cat(singles), rtol=1e-5, atol=1e-5)
 
 
-def test_timm_batch_equals_single_runs_and_state_maps(timm_vit, tools):
+def test_timm_batch_equals_single_runs_and_state_maps(timm_vit):
     model = timm_vit("plain")
     x = varied_images()
     thresholds = calibrated(model)

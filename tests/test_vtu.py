@@ -154,7 +154,7 @@ def _last_logit_errors(llama, embeds, pi, unique, mode):
     return (virtual - full).abs().amax(-1), (merged - full).abs().amax(-1), virtual
 
 
-def test_vtu_is_closer_to_the_full_model_than_the_merged_sequence(llama, capsys):
+def test_vtu_is_closer_to_the_full_model_than_the_merged_sequence(llama):
     """The re-merge is VTU's only approximation: over the whole LM it stays closer to the
     unreduced output than feeding the merged sequence with contiguous positions (measured)."""
     embeds, pi, unique = duplicated_inputs()
@@ -268,7 +268,7 @@ def test_exact_and_expand_agree_on_the_shapes_model(shapes_llava):
     torch.testing.assert_close(outs["exact"][real], outs["expand"][real], rtol=1e-4, atol=1e-4)
 
 
-def test_vtu_is_closer_to_the_unreduced_shapes_model(shapes_llava, capsys):
+def test_vtu_is_closer_to_the_unreduced_shapes_model(shapes_llava):
     """On the shapes model with DyMU-mid: the answer-position logits with VTU are closer to the
     unreduced model's than without VTU (measured over 40 test questions, printed)."""
     from vtc.data import shapes
