@@ -12,7 +12,7 @@ dymu.json) into --out, loadable with ``vtc.DyMU(calibration=<out>)``.
         --images-dir llava_sft_images/ --preset low --batch-size 64 --out cal/llava-low
 
 Models: a shipped checkpoint name or folder (``shapes-vit``, ``shapes-llava``), ``timm:<name>``,
-``open_clip:<name>``, or ``hf:<hub id or folder>`` (CLIP / SigLIP vision models and LLaVA).
+``open_clip:<name>[@<pretrained tag>]``, or ``hf:<hub id or folder>`` (CLIP / SigLIP vision models and LLaVA).
 Hub weights are only fetched with --pretrained. Images: the shapes train split (shipped models,
 default) or every image file under --images-dir, preprocessed as the model expects.
 """
@@ -61,7 +61,10 @@ def load_model(spec: str, pretrained: bool):
     if kind == "open_clip":
         import open_clip
 
-        model, _, transform = open_clip.create_model_and_transforms(name, pretrained=None if not pretrained else "openai")
+        name, _, tag = name.partition("@")  # open_clip:ViT-B-32@openai
+        if pretrained and not tag:
+            raise SystemExit("open_clip weights need a tag: --model open_clip:<name>@<pretrained tag>")
+        model, _, transform = open_clip.create_model_and_transforms(name, pretrained=tag if pretrained else None)
         return model.eval(), lambda image: transform(Image.fromarray(image) if not isinstance(image, Image.Image) else image), False
     if kind == "hf":
         import transformers as tf
