@@ -1,8 +1,8 @@
 """Tensor-only kernels behind vtc's merging reducers (installed as ``vtc.kernels``).
 
 Each op has a PyTorch reference and a Triton kernel side by side, and one dispatch rule between
-them (``dispatch.py``; DESIGN.md "Kernels"). Kernels know tensors only: no TokenState, no
-reducer, no model.
+them (``dispatch.py``; docs/ARCHITECTURE.md "Shared reduction functions"). Kernels know tensors
+only: no TokenState, no reducer, no model.
 """
 
 from .dispatch import BACKENDS, triton_available, use_backend

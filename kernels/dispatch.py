@@ -1,4 +1,5 @@
-"""The one dispatch rule between each kernel's Triton version and its PyTorch reference (DESIGN.md "Kernels").
+"""The one dispatch rule between each kernel's Triton version and its PyTorch reference
+(docs/ARCHITECTURE.md "Shared reduction functions").
 
 ``auto`` (default): Triton for CUDA tensors when Triton imports, the reference otherwise.
 :func:`use_backend` overrides it for a block of code (tests, benchmarks): ``"reference"`` always

@@ -1,7 +1,8 @@
 """Bipartite best-match search: the per-row max/argmax of ToMe's cosine-similarity matrix.
 
 :func:`bipartite_match` dispatches (``vtc.kernels.dispatch``) between the fused Triton kernel
-(``matching_triton``) and the PyTorch reference here (spec tome.md, section b, step 2.1-2.6).
+(``matching_triton``) and the PyTorch reference here (ToMe paper, Bolya et al., ICLR 2023,
+Sec. 3, "Bipartite Soft Matching"; official code ``tome/merge.py``).
 """
 
 from __future__ import annotations

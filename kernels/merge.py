@@ -1,9 +1,9 @@
 """Size-weighted scatter merge: every token is folded into one output slot.
 
 :func:`merge_weighted` dispatches (``vtc.kernels.dispatch``) between the deterministic Triton
-kernel (``merge_triton``) and the PyTorch reference here (spec tome.md, section b, step 3,
-generalised from ToMe's gather/scatter pair to one destination map so pooling and dynamic merging
-reuse it).
+kernel (``merge_triton``) and the PyTorch reference here (ToMe's size-weighted average, ToMe paper,
+Bolya et al., ICLR 2023, Sec. 3; generalised from the official code's gather/scatter pair to one
+destination map so pooling and dynamic merging reuse it).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""LLaVA-NeXT AnyRes layout as index maps (``shared/specs/hf-llava.md``, "How LLaVA-NeXT differs").
+"""LLaVA-NeXT AnyRes layout as index maps (HF transformers' ``LlavaNextModel.pack_image_features``;
+docs/ARCHITECTURE.md "LLaVA and LLaVA-NeXT").
 
 HF's ``pack_image_features`` arranges an image's tiles into one feature map, unpads it to the
 image's aspect ratio, appends ``image_newline`` after every row and puts the base view first.

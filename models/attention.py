@@ -1,4 +1,5 @@
-"""Attention on the SDPA path with the cheap side signals reducers ask for (DESIGN.md "Signals").
+"""Attention on the SDPA path with the cheap side signals reducers ask for (docs/ARCHITECTURE.md
+"Adapters and apply").
 
 Proportional attention and padding arrive as one additive (B, 1, 1, N) key bias; the CLS
 attention row is one extra ``softmax(q_cls K^T)`` of O(N), never an eager N x N softmax.

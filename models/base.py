@@ -32,6 +32,20 @@ def checkpoint_name(source: str | None) -> str | None:
     return source
 
 
+def carry_scores(score: torch.Tensor, before: torch.Tensor, after: torch.Tensor, n_after: int) -> torch.Tensor:
+    """A per-token score (B, N) of the tokens entering a reduction, carried to the ``n_after``
+    tokens leaving it: each gets the sum over the tokens it absorbed (attention mass is additive);
+    a dropped token's score leaves with it. ``before`` and ``after`` are the states' ``origin``
+    maps (B, N0) on either side of the reduction."""
+    batch, n = score.shape
+    carried = before >= 0
+    dest = torch.full((batch, n + 1), -1, dtype=torch.long, device=score.device)  # column n: uncarried positions
+    dest.scatter_(1, torch.where(carried, before, n), torch.where(carried, after, -1))  # a token's positions agree
+    dest = dest[:, :n]
+    out = score.new_zeros(batch, n_after + 1).scatter_add_(1, torch.where(dest >= 0, dest, n_after), score)
+    return out[:, :n_after]
+
+
 class EncoderAdapter:
     """Base of the encoder adapters; subclasses implement the family-specific pieces."""
 
@@ -205,14 +219,26 @@ class EncoderAdapter:
                 self.signals[index] = signals
             x = x + self.attention_residual(block, attn_out)
             if budget is not None:
+                before = state
                 state = self.reducer.reduce(state.replace(x=x), signals, budget, index)
                 x = state.x
+                if extra:
+                    self.signals[index] = self.carry_signals(signals, extra, before, state)
             out = x + self.mlp_branch(block, x)
         self.state = state.replace(x=out)
         if index == len(self.blocks) - 1:
             self.token_counts.append(out.shape[1])
             self._image_counts.append(self.state.real_counts())
         return out
+
+    @staticmethod
+    def carry_signals(signals: Signals, extra: frozenset[Signal], before: TokenState, after: TokenState) -> Signals:
+        """The signals another site asked of a block that also reduces, for the tokens leaving it
+        (the CLS attention row summed over each token's sources, :func:`carry_scores`)."""
+        if extra - {Signal.CLS_ATTN}:
+            raise ValueError(f"vtc: signals {sorted(s.value for s in extra - {Signal.CLS_ATTN})} cannot follow a "
+                             f"reduction in the same block; only the CLS attention row can")
+        return Signals(cls_attn=carry_scores(signals.cls_attn, before.origin, after.origin, after.num_tokens))
 
     @property
     def image_token_counts(self) -> torch.Tensor | None:

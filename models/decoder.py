@@ -84,8 +84,8 @@ class _Pass:
 
 
 class DecoderSite:
-    """Runs a DecoderReducer inside an HF decoder-only LM (DESIGN.md "Where a reducer acts",
-    decoder row: inside LLM decoder layers).
+    """Runs a DecoderReducer inside an HF decoder-only LM (docs/ARCHITECTURE.md
+    "LLaVA and LLaVA-NeXT", Decoder site: inside LLM decoder layers).
 
     ``token_counts``: sequence length entering each layer in the last forward with image tokens,
     then leaving the last one; ``kept_per_row`` (B, L + 1): real tokens not hidden, per row. In

@@ -5,7 +5,7 @@ the encoder (inside the vision tower, up to the vision feature layer), the conne
 visual sequence, see ``llava_vision``) and the decoder (after chosen LLM layers, ``decoder``).
 
 The model's own ``forward`` and ``generate`` keep taking the processor's inputs, with placeholders
-for the full, unreduced count (``shared/specs/hf-llava.md`` Route B): vtc encodes the images,
+for the full, unreduced count (rebuilt inside the model, not by the processor): vtc encodes the images,
 finds each image's placeholders from ``image_token_id``, keeps as many as the image has tokens,
 re-pads every row (left for ``generate``, the input's side for ``forward``) and runs the language
 model from ``inputs_embeds``. ``forward`` therefore returns logits for the rebuilt, shorter
@@ -92,12 +92,11 @@ class LlavaAdapter:
         connector = reducers.get(Site.CONNECTOR)
         self.pipeline = VisualPipeline(self.inner, self.config, self.tower, self.feature_layers, connector, self.is_next)
         if connector is not None:
-            grid = self.tower.info.grid if encoder is None else None
             # LLaVA-NeXT images differ in token count (checked per image when they arrive)
             dynamic = encoder is not None and encoder.dynamic
             count = None if self.is_next or dynamic else self.tower.planned_token_counts()[-1] - self.pipeline.drop - self.pipeline.n_prefix
-            connector.check_connector(ConnectorInfo(self.family, count, self.pipeline.n_prefix, grid,
-                                                    self.tower.info.has_cls))
+            connector.check_connector(ConnectorInfo(self.family, count, self.pipeline.n_prefix, self.tower.info.grid,
+                                                    self.tower.info.has_cls, reordered=encoder is not None))
             if connector.connector_needs:
                 self.tower.extra_needs[self.pipeline.signal_layer] = frozenset(connector.connector_needs)
         self._patcher = InstancePatcher()

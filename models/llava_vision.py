@@ -6,7 +6,7 @@ order (raster order of their first patch), whatever order a reducer left them in
 
 LLaVA-1.5: every image is one view, its patch grid (plus the CLS token under the "full" strategy).
 
-LLaVA-NeXT AnyRes (``shared/specs/hf-llava.md``): the tower reduces every tile on its own
+LLaVA-NeXT AnyRes (HF's tile packing): the tower reduces every tile on its own
 (encoder site); the reduced tokens are then laid out on each tile's patch grid and packed with
 HF's layout (base view, then the unpadded high-resolution map). A token covering several
 positions appears once, at its first position; a map row left with no token loses its newline.
@@ -15,6 +15,10 @@ unpadded high-resolution map, each on its own grid. An image's budget (the reduc
 of all its visual tokens, newlines excluded) is split between the two views in proportion to
 their token counts; ``image_newline`` then follows every remaining row of the map. Without
 reducers the result equals HF's ``get_image_features`` exactly.
+
+A connector that ``needs_grid`` (pooling) after an encoder reducer gets each image's (or view's)
+tokens laid back on its patch grid through ``origin`` (``vtc.grid.lay_on_grid``): every position
+holds the token carrying it, dropped positions are padding.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import torch
 from torch import nn
 
 from vtc.budget import split_total
+from vtc.grid import lay_on_grid, lay_scores
 from vtc.models.anyres import AnyResLayout, anyres_layout
 from vtc.models.hf_vision import HFVisionAdapter
 from vtc.reducers.base import ConnectorReducer, EncoderReducer, Signals
@@ -184,7 +189,13 @@ class VisualPipeline:
         self.projected_tokens += x.shape[:-1].numel()
         return self.inner.multi_modal_projector(x)
 
-    def _reduce(self, state: TokenState, signals: Signals, targets: list[int]) -> TokenState:
+    def _reduce(self, state: TokenState, signals: Signals, targets: list[int], grid: tuple[int, int]) -> TokenState:
+        """The connector on ``state`` (whose positions are ``n_prefix`` + the patch ``grid``); a
+        connector that ``needs_grid`` gets an encoder reducer's tokens laid back on the grid."""
+        if self.connector.needs_grid and state.grid is None:
+            if signals.cls_attn is not None:
+                signals = Signals(cls_attn=lay_scores(signals.cls_attn, state.origin))
+            state = lay_on_grid(state, grid)
         reduced = self.connector.reduce_visual(state, signals, torch.tensor(targets, device=state.x.device))
         self.last_connector_state = reduced
         return reduced
@@ -200,7 +211,8 @@ class VisualPipeline:
             if not self.connector.before_projector:
                 state = state.replace(x=self._project(state.x))
             counts = state.valid.sum(dim=1).tolist() if state.valid is not None else [state.x.shape[1]] * state.x.shape[0]
-            state = self._reduce(state, signals, [self.connector.target(n - state.n_prefix) for n in counts])
+            targets = [self.connector.target(n - state.n_prefix) for n in counts]
+            state = self._reduce(state, signals, targets, self.tower.info.grid)
         x = self._project(state.x) if self.connector is None or self.connector.before_projector else state.x
         ordered = self.connector is not None and self.connector.ordered
         features, kept_anchors, covers = anchor_order(state, x, keep_order=ordered)
@@ -240,20 +252,22 @@ class VisualPipeline:
 
     def _next_views(self, tiles: TokenState, layout: AnyResLayout, signals: Signals, start: int) -> list[TokenState]:
         side = layout.side
-        views = [view_from_tiles(tiles, torch.arange(side * side, device=tiles.x.device), (side, side))]
+        grids = [(side, side)]
+        views = [view_from_tiles(tiles, torch.arange(side * side, device=tiles.x.device), grids[0])]
         if layout.hires is not None:
             hires = layout.hires.to(tiles.x.device)
-            views.append(view_from_tiles(tiles, hires.reshape(-1), tuple(hires.shape)))
+            grids.append(tuple(hires.shape))
+            views.append(view_from_tiles(tiles, hires.reshape(-1), grids[1]))
         if self.connector is None:
             return [view for view, _ in views]
         counts = [view.x.shape[1] for view, _ in views]
         total = self.connector.target(sum(counts))
         reduced = []
-        for (view, chosen), share in zip(views, split_total(total, counts)):
+        for (view, chosen), grid, share in zip(views, grids, split_total(total, counts)):
             view_signals = Signals()
             if signals.cls_attn is not None:  # each tile's CLS attention, on the view's tokens
                 view_signals = Signals(cls_attn=signals.cls_attn[start : start + layout.num_tiles].reshape(-1)[chosen][None])
-            reduced.append(self._reduce(view, view_signals, [share]) if share < view.x.shape[1] else view)
+            reduced.append(self._reduce(view, view_signals, [share], grid) if share < view.x.shape[1] else view)
         return reduced
 
     @staticmethod

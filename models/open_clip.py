@@ -2,7 +2,7 @@
 
 Blocks are ``ResidualAttentionBlock`` with ``nn.MultiheadAttention``: queries, keys and values
 are recomputed from the packed ``in_proj_weight`` so keys are available and the size bias goes
-through SDPA (tome.md d). Both batch layouts (batch-first and LND) are handled; ``ls_1``/``ls_2``
+through SDPA. Both batch layouts (batch-first and LND) are handled; ``ls_1``/``ls_2``
 are honoured; average pooling is size-weighted and the attentional pooler gets the key bias.
 ``CustomResidualAttentionBlock`` (qk-norm, scaled-cosine attention) is refused with a TypeError.
 """

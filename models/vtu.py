@@ -1,4 +1,5 @@
-"""Virtual token unmerging inside an HF decoder-only LM (``shared/specs/dymu.md`` B.5 (6), d).
+"""Virtual token unmerging inside an HF decoder-only LM (DyMU paper, Wang et al., 2025, Sec. 3.2;
+the official code's default path, ``llava_llama.py``: expand Q/K/V, then SDPA).
 
 The LM is handed the *full-length* prompt (every placeholder filled with the merged token that
 covers it), so HF's own code builds the causal/padding mask, the rotary tables for the original
@@ -12,7 +13,7 @@ positions and the cache positions, and ``generate`` keeps its bookkeeping. Insta
   outputs of each token's copies back into its row;
 - the last layer expands its rows back to full length, so the final norm and LM head see one row
   per position and ``forward`` logits line up with the input (the last position's logits are
-  those of its own group, dymu.md g.16).
+  those of its own group, not of whichever group comes last).
 
 Hidden states HF records between layers (``output_hidden_states``) have one row per unique token.
 Only the prefill of a prompt with images is virtual; decode steps (and calls without a map) run

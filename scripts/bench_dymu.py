@@ -6,8 +6,9 @@ Images are shapes-benchmark test images (calibration on train images), resized t
 input, so token counts follow their content. Models without shipped calibrations are calibrated
 here first (``vtc.dymu.calibrate`` at each preset's target; random weights unless --pretrained).
 
-ViT (``--vit``): per preset, DyMU's mean ± std patch tokens leaving the encoder; ToMe with a constant
-per-layer ``r`` giving the same mean (``clamp=true``); images/s of the unreduced model, DyMU (a
+ViT (``--vit``): per preset, DyMU's mean ± std patch tokens leaving the encoder; ToMe with a
+per-layer ``r`` giving the same mean (constant, with the merges a late layer cannot make moved to
+earlier layers by ``merge_schedule(..., clamp=True)``); images/s of the unreduced model, DyMU (a
 padded batch: every image pays the batch's widest sequence) and ToMe, timed interleaved.
 
 Both as one padded batch (``--batch``) and one image at a time (``--singles`` images), where each
@@ -86,7 +87,7 @@ def bench_vit(args) -> list[dict]:
         counts = token_counts(model, dymu, images, batch_size=args.batch).float()
         mean = counts.mean().item()
         _, merges = merge_schedule(info, max(1.0, round(mean)), "constant", clamp=True)
-        tome = vtc.ToMe(r=tuple(merges), clamp=True)
+        tome = vtc.ToMe(r=tuple(merges))
         with vtc.apply(model, tome) as handle, torch.inference_mode():
             model(images)
             tome_tokens = handle.state.num_tokens - info.n_prefix

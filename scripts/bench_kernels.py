@@ -8,7 +8,8 @@ size-weighted merge of ``x``. For each (B, N, C) the script times, interleaved i
 - ``reference``: ``vtc.merge.bipartite_soft_matching`` + ``merge_weighted`` on the PyTorch references;
 - ``triton``: the same calls on the Triton kernels (CUDA only);
 - ``tome``: ToMe's published PyTorch formulation (full A x B score matrix, max, argsort, gather,
-  ``scatter_reduce``), written here from the paper's description (spec tome.md b.2-b.3).
+  ``scatter_reduce``), written here from the paper's description (ToMe paper, Bolya et al.,
+  ICLR 2023, Sec. 3, "Bipartite Soft Matching").
 
 It prints milliseconds, the memory traffic each step needs at the least (read the metric and
 ``x`` and sizes once, write the merged tokens once) divided by the time, and on a GPU that rate as
@@ -38,7 +39,8 @@ PEAK_GBS = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100": 3350, "H200": 480
 
 
 def tome_step(x: torch.Tensor, size: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ToMe's formulation of one merge step with a protected first token (tome.md b.2-b.3)."""
+    """ToMe's formulation of one merge step with a protected first token (ToMe paper,
+    Sec. 3, "Bipartite Soft Matching")."""
     metric = x / x.norm(dim=-1, keepdim=True)
     a, b = metric[:, 0::2], metric[:, 1::2]
     scores = a @ b.transpose(-1, -2)

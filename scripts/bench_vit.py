@@ -111,9 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", metavar="N", type=positive_int, default=16,
                         help="images per forward, from scikit-image's bundled samples (default 16)")
     parser.add_argument("--tome-r", metavar="R,R,...", type=number_list(int, lambda v: v >= 0, "integers >= 0"), default=DEFAULT_TOME_R,
-                        help=f"ToMe r values to sweep (default {DEFAULT_TOME_R}); r too large for the 50%% "
-                             f"per-layer cap runs with clamp=true (the official behaviour); the r that halves "
-                             f"the FLOPs is always added")
+                        help=f"ToMe r values to sweep (default {DEFAULT_TOME_R}); a layer merges at most half its "
+                             f"mergeable tokens (the official cap), so a large r saturates in late layers; the r "
+                             f"that halves the FLOPs is always added")
     parser.add_argument("--evit-keep", metavar="K,K,...", type=number_list(float, lambda v: 0 < v <= 1, "keep rates in (0, 1]"),
                         default=DEFAULT_EVIT_KEEP,
                         help=f"EViT keep rates to sweep, default drop layers (default {DEFAULT_EVIT_KEEP})")
@@ -140,15 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----- measuring -----------------------------------------------------------------------------------
-def tome_spec(model: nn.Module, r: int) -> str:
-    """``tome:r=R``, with ``clamp=true`` when r exceeds the per-layer cap on this model."""
-    try:
-        vtc.apply(model, f"tome:r={r}").remove()
-        return f"tome:r={r}"
-    except ValueError:
-        return f"tome:r={r},clamp=true"
-
-
 def flops_ratio(model: nn.Module, spec: str) -> float:
     with vtc.apply(model) as plain:
         base = analytic_flops(plain.adapter).total
@@ -159,7 +150,7 @@ def flops_ratio(model: nn.Module, spec: str) -> float:
 def halving_r(model: nn.Module, limit: int = 200) -> int | None:
     """Smallest ToMe r whose planned FLOPs are at most half of the unreduced model's."""
     for r in range(1, limit):
-        if flops_ratio(model, tome_spec(model, r)) <= 0.5:
+        if flops_ratio(model, f"tome:r={r}") <= 0.5:
             return r
     return None
 
@@ -225,7 +216,8 @@ def import_official_tome(repo: Path):
 
 
 def official_caveats(model: nn.Module) -> list[str]:
-    """Model features the official timm patch (written for timm 0.4.12) ignores (tome.md g)."""
+    """Model features the official timm patch (written for timm 0.4.12) ignores (its
+    ``tome/patch/timm.py`` copies timm 0.4.12's block and attention)."""
     caveats = []
     block = model.blocks[0]
     if not isinstance(block.ls1, nn.Identity):
@@ -243,7 +235,7 @@ def compare_official(tome, model: nn.Module, r: int, images: torch.Tensor, args)
     official = copy.deepcopy(model)
     tome.patch.timm(official)  # the official patch swaps classes on this private copy only
     reference = copy.deepcopy(model)
-    spec = tome_spec(model, r)
+    spec = f"tome:r={r}"
     with torch.inference_mode():
         official.r = 0
         r0_diff = (official(images) - reference(images)).abs().max().item()
@@ -368,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     r_half = halving_r(model)
     tome_rs = sorted(set(args.tome_r) | ({r_half} if r_half else set()))
-    jobs = [("tome", r, tome_spec(model, r)) for r in tome_rs]
+    jobs = [("tome", r, f"tome:r={r}") for r in tome_rs]
     jobs += [("evit", keep, f"evit:keep={keep:g}") for keep in sorted(set(args.evit_keep), reverse=True)]
     weights = "pretrained" if args.pretrained else "RANDOM weights"
     if not args.pretrained:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Calibrate DyMU's per-layer merge thresholds for a model (shared/specs/dymu.md B.3).
+"""Calibrate DyMU's per-layer merge thresholds for a model (DyMU paper, Sec. 3.1).
 
 Runs the frozen encoder over calibration images with batch-level bipartite matching, averages
 each layer's batch thresholds, measures the average token count the thresholds give on the

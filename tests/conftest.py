@@ -16,13 +16,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import tolerance  # noqa: E402
+
 # The models are tiny: one intra-op thread is fastest, and on a shared 2-core machine OpenMP
-# threads spinning against other processes made the suite ~10x slower.
-torch.set_num_threads(1)
+# threads spinning against other processes made the suite ~10x slower. VTC_TEST_THREADS=N runs
+# it with N threads instead: results must not depend on how the CPU kernels split their sums.
+_THREADS = os.environ.get("VTC_TEST_THREADS", "1")
+if not _THREADS.isdigit() or int(_THREADS) < 1:
+    raise pytest.UsageError(f"VTC_TEST_THREADS must be a positive number of threads, got {_THREADS!r}")
+torch.set_num_threads(int(_THREADS))
 
 NAME = "vit_tiny_patch16_224"
 IMAGE, PATCH, GRID = 32, 4, 8
 BASE = dict(img_size=IMAGE, patch_size=PATCH, depth=4, embed_dim=48, num_heads=3, num_classes=10)
+# accumulated products from pixels to logits (tests/tolerance.py): patch embedding, blocks, head
+VIT_TERMS = 3 * PATCH * PATCH + tolerance.transformer_terms(BASE["depth"], BASE["embed_dim"], GRID * GRID + 5) + BASE["embed_dim"]
 
 # Every variant a reducer must work on (task: registers, avg / attention pooling, LayerScale,
 # qk-norm, eager attention, no class token).
@@ -170,6 +178,7 @@ def tools() -> SimpleNamespace:
         permute_patches=_permute_patches,
         check_state_maps=_check_state_maps,
         variants=list(VARIANTS),
+        vit_terms=VIT_TERMS,
         cls_variants=CLS_VARIANTS,
         grid=GRID,
     )

@@ -1,7 +1,7 @@
 """Tiny models of the backbone families vtc adapts, for the adapter and measurement tests.
 
 Every model is built from a config, saved, and loaded back through the loading path users run
-(DESIGN.md "Conventions"): HF ``save_pretrained`` (safetensors) then ``from_pretrained``;
+(docs/ARCHITECTURE.md): HF ``save_pretrained`` (safetensors) then ``from_pretrained``;
 open_clip ``add_model_config`` then ``create_model(name, pretrained=<local .safetensors>)``.
 Nothing is downloaded. Not a test module: test modules ``import families`` (``tests/`` is on
 pytest's ``pythonpath``, set in pyproject.toml).
@@ -22,10 +22,14 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+import tolerance  # noqa: E402
 import vtc  # noqa: E402
 
 WIDTH, HEADS, LAYERS, IMAGE, PATCH = 64, 4, 4, 32, 4
 EMBED = 32  # CLIP joint embedding width
+# accumulated products from the pixels to a pooled, projected output: patch embedding, the blocks
+# at the full 65 tokens, the projection (rounding bound of tests/tolerance.py)
+MODEL_TERMS = 3 * PATCH * PATCH + tolerance.transformer_terms(LAYERS, WIDTH, 65) + WIDTH
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -325,8 +329,7 @@ def check_batch_equals_singles(model: nn.Module, family: Family, spec: str) -> N
         for i in range(x.shape[0]):
             singles.append(family.forward(model, x[i:i + 1]))
             assert handle.token_counts == batch_counts
-    singles = torch.cat(singles)
-    assert torch.allclose(batched, singles, rtol=1e-5, atol=1e-5), (batched - singles).abs().max().item()
+    tolerance.assert_close(batched, torch.cat(singles), terms=MODEL_TERMS, msg=f"{family.name} {spec}")
 
 
 def check_low_precision(model: nn.Module, family: Family, spec: str, dtype: torch.dtype) -> None:

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+import tolerance
 from vtc.kernels import bipartite_match, bipartite_match_reference, merge_weighted, merge_weighted_reference, use_backend
 from vtc.kernels.dispatch import interpreting
 from vtc.merge import bipartite_threshold_matching
@@ -36,12 +37,14 @@ def _assert_same_matches(metric, n_prefix, valid):
     ref_score, ref_index = bipartite_match_reference(metric, n_prefix, valid)
     finite = torch.isfinite(ref_score)
     assert torch.equal(torch.isfinite(score), finite)
-    torch.testing.assert_close(score[finite], ref_score[finite].float(), atol=2e-6, rtol=2e-6)
+    # cosines (|value| <= 1) from float32 dot products over the channels, summed in other orders
+    noise = tolerance.tolerance(torch.float32, metric.shape[-1], scale=1.0)
+    tolerance.assert_close(score[finite], ref_score[finite].float(), terms=metric.shape[-1], scale=1.0)
     # identical decisions except where the best two candidates are closer than the float32 noise
     norm = metric.float() / metric.float().norm(dim=-1, keepdim=True).clamp_min(1e-30)
     sims = norm[:, 0::2] @ norm[:, 1::2].transpose(1, 2)
     chosen = sims.gather(2, index[..., None])[..., 0]
-    close = (sims.gather(2, ref_index[..., None])[..., 0] - chosen).abs() < 1e-5
+    close = (sims.gather(2, ref_index[..., None])[..., 0] - chosen).abs() < 2 * noise  # both scores err
     assert bool(((index == ref_index) | close | ~finite).all())
 
 
@@ -113,4 +116,5 @@ def test_tome_in_a_vit_takes_the_same_decisions(timm_vit):
         with use_backend("triton"):
             fused = model(images)
             assert torch.equal(handle.state.origin, ref_origin)
-    torch.testing.assert_close(fused, reference, atol=1e-5, rtol=1e-5)
+    # depth 4, width 48, 65 tokens (tests/conftest.py BASE), the 48-wide head
+    tolerance.assert_close(fused, reference, terms=tolerance.transformer_terms(4, 48, 65) + 48)

@@ -38,11 +38,11 @@ def build_tokenizer() -> Any:
     return word_tokenizer(WORDS)
 
 
-def _vision_config(vision: str) -> Any:
+def _vision_config(vision: str, image_size: int = IMAGE_SIZE, patch_size: int = PATCH_SIZE, layers: int = 3) -> Any:
     from transformers import CLIPVisionConfig, SiglipVisionConfig
 
     shape = dict(
-        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, num_hidden_layers=3, hidden_size=32,
+        image_size=image_size, patch_size=patch_size, num_hidden_layers=layers, hidden_size=32,
         num_attention_heads=4, intermediate_size=64,
     )
     if vision == "clip":
@@ -52,10 +52,10 @@ def _vision_config(vision: str) -> Any:
     raise ValueError(f"unknown vision tower {vision!r}")
 
 
-def _image_processor(kind: str) -> Any:
+def _image_processor(kind: str, image_size: int = IMAGE_SIZE) -> Any:
     from transformers import LlavaImageProcessor, LlavaNextImageProcessor
 
-    common = dict(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    common = dict(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     if kind == "next":
         return LlavaNextImageProcessor(**common, image_grid_pinpoints=GRID_PINPOINTS)
     return LlavaImageProcessor(**common)
@@ -68,10 +68,16 @@ def build_llava(
     strategy: str = "default",
     feature_layer: int | list[int] = -2,
     dtype: torch.dtype = torch.float32,
+    image_size: int = IMAGE_SIZE,
+    patch_size: int = PATCH_SIZE,
+    vision_layers: int = 3,
+    text_layers: int = 4,
 ) -> tuple[Any, Any]:
     """Build (or reuse) a tiny LLaVA ("llava") or LLaVA-NeXT ("next") under ``directory``.
 
-    Returns ``(model, processor)`` freshly loaded with ``from_pretrained`` (model in eval mode).
+    ``image_size``, ``patch_size``, ``vision_layers`` and ``text_layers`` give a stand-in the token
+    grid and depths of a real checkpoint (widths stay tiny). Returns ``(model, processor)`` freshly
+    loaded with ``from_pretrained`` (model in eval mode).
     """
     import transformers as tf
 
@@ -81,22 +87,26 @@ def build_llava(
     proc_cls = tf.LlavaNextProcessor if kind == "next" else tf.LlavaProcessor
     directory = pathlib.Path(directory)
     params = dict(kind=kind, vision=vision, strategy=strategy, feature_layer=feature_layer)
+    shape = dict(image_size=image_size, patch_size=patch_size, vision_layers=vision_layers, text_layers=text_layers)
+    if shape != dict(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, vision_layers=3, text_layers=4):
+        params.update(shape)
+    seq_length = (image_size // patch_size) ** 2
     stamp = directory / _BUILD_FILE
     if not (stamp.exists() and json.loads(stamp.read_text()) == params):
         tokenizer = build_tokenizer()
         text = tf.LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max(512, 2 * seq_length),
             initializer_range=0.2, pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         )
         config_cls = tf.LlavaNextConfig if kind == "next" else tf.LlavaConfig
         extra = {"image_grid_pinpoints": GRID_PINPOINTS} if kind == "next" else {}
         config = config_cls(
-            vision_config=_vision_config(vision), text_config=text,
+            vision_config=_vision_config(vision, image_size, patch_size, vision_layers), text_config=text,
             image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
             vision_feature_select_strategy=strategy, vision_feature_layer=feature_layer,
-            image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2, **extra,
+            image_seq_length=seq_length, **extra,
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -109,7 +119,7 @@ def build_llava(
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
         processor = proc_cls(
-            image_processor=_image_processor(kind), tokenizer=tokenizer, patch_size=PATCH_SIZE,
+            image_processor=_image_processor(kind, image_size), tokenizer=tokenizer, patch_size=patch_size,
             vision_feature_select_strategy=strategy, image_token="<image>",
             num_additional_image_tokens=1 if vision == "clip" else 0,
         )
@@ -148,3 +158,18 @@ def prompts(n: int) -> list[str]:
 def two_image_prompt(question: str = "compare the first and second image .") -> str:
     """A prompt with two ``<image>`` placeholders."""
     return f"USER: <image>\n<image>\n{question} ASSISTANT:"
+
+
+def llava_terms(model: Any, sequence: int) -> int:
+    """Accumulated products from pixels to a logit of a LLaVA (tests/tolerance.py): patch
+    embedding, the tower's layers, the two-layer projector, the LLM's layers over ``sequence``
+    positions, the final norm and the LM head."""
+    import tolerance
+
+    vision, text = model.config.vision_config, model.config.text_config
+    grid = (vision.image_size // vision.patch_size) ** 2 + 1
+    return (3 * vision.patch_size**2
+            + tolerance.transformer_terms(vision.num_hidden_layers, vision.hidden_size, grid, vision.intermediate_size)
+            + vision.hidden_size + text.hidden_size
+            + tolerance.transformer_terms(text.num_hidden_layers, text.hidden_size, sequence, text.intermediate_size)
+            + 2 * text.hidden_size)

@@ -11,6 +11,7 @@ import timm
 import torch
 from timm.models.vision_transformer import Block
 
+import tolerance
 import vtc
 from vtc.reducers import Reducer, Site, ToMe
 
@@ -71,7 +72,7 @@ def test_evit_remove_restores_bit_identical(timm_vit, tools, cls_vit_variant):
     check_remove_restores(timm_vit(cls_vit_variant), tools.images(2), REDUCERS["evit"])
 
 
-def check_batch_equals_singles(model, images, spec):
+def check_batch_equals_singles(model, images, spec, terms):
     with torch.no_grad(), vtc.apply(model, spec) as handle:
         batched = model(images)
         counts = handle.token_counts
@@ -80,16 +81,16 @@ def check_batch_equals_singles(model, images, spec):
         for image in images:
             singles.append(model(image[None]))
             assert handle.token_counts == counts
-    torch.testing.assert_close(batched, torch.cat(singles), rtol=1e-5, atol=1e-5)
+    tolerance.assert_close(batched, torch.cat(singles), terms=terms)
 
 
 @pytest.mark.parametrize("name", ANY_MODEL)
 def test_batch_equals_single_runs(timm_vit, tools, vit_variant, name):
-    check_batch_equals_singles(timm_vit(vit_variant), tools.images(4, seed=1), REDUCERS[name])
+    check_batch_equals_singles(timm_vit(vit_variant), tools.images(4, seed=1), REDUCERS[name], tools.vit_terms)
 
 
 def test_evit_batch_equals_single_runs(timm_vit, tools, cls_vit_variant):
-    check_batch_equals_singles(timm_vit(cls_vit_variant), tools.images(4, seed=1), REDUCERS["evit"])
+    check_batch_equals_singles(timm_vit(cls_vit_variant), tools.images(4, seed=1), REDUCERS["evit"], tools.vit_terms)
 
 
 LOW_PRECISION_CASES = [(v, n) for v in ("plain", "reg", "map", "nocls") for n in REDUCERS if (v, n) != ("nocls", "evit")]
@@ -249,7 +250,7 @@ def test_two_encoder_reducers_are_refused(timm_vit):
 def test_failed_apply_leaves_the_model_untouched(timm_vit, tools):
     model = timm_vit("plain")
     attrs = _instance_attrs(model)
-    for spec in ("tome:r=40", "evit:layers=9", "pool:tokens=67", "nonsense"):
+    for spec in ("tome:r=40,strict=true", "evit:layers=9", "pool:tokens=67", "nonsense"):
         with pytest.raises(ValueError):
             vtc.apply(model, spec)
         assert _instance_attrs(model) == attrs

@@ -1,4 +1,4 @@
-"""Per-layer schedules (tome.md f.3, dymu.md B.2, evit.md c) and how ToMe plans with them."""
+"""Per-layer schedules (ToMe's constant and decreasing r, DyMU's linear schedules, EViT's drop layers) and how ToMe plans with them."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def test_linear_total_is_non_increasing(total, layers):
 
 
 def test_linear_total_small_total_ends_with_one_partial_entry():
-    """dymu.md B.2: once int(r0 - i*r0/L) reaches 0 the remainder is one partial entry, then zeros."""
+    """DyMU's linear schedule: once int(r0 - i*r0/L) reaches 0 the remainder is one partial entry, then zeros."""
     schedule = linear_total(96, 24)
     assert schedule[-5:] == [1, 1, 1, 4, 0] and sum(schedule) == 96
     assert linear_total(7, 12) == [1, 6] + [0] * 10
@@ -90,8 +90,14 @@ def _info(num_tokens=577, layers=24):
 def test_tome_linear_schedule_spreads_r_times_layers():
     plan = ToMe(r=21, schedule="linear").plan(_info())
     assert [r or 0 for r in plan] == linear_total(21 * 24, 24)
-    plan = ToMe(r=21, schedule="reverse-linear", clamp=True).plan(_info())
-    assert sum(r or 0 for r in plan) <= 21 * 24
+    plan = ToMe(r=21, schedule="reverse-linear").plan(_info())
+    assert [r or 0 for r in plan] == linear_total(21 * 24, 24)[::-1]
+    plan = ToMe(r=23, schedule="reverse-linear").plan(_info())  # the late layers' r is capped
+    assert sum(r or 0 for r in plan) < 23 * 24
+    n = 577
+    for r, asked in zip(plan, linear_total(23 * 24, 24)[::-1]):
+        assert (r or 0) == min(asked, (n - 1) // 2)
+        n -= r or 0
 
 
 def test_tome_plan_marks_zero_layers_as_none():

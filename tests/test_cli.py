@@ -99,11 +99,11 @@ def test_bad_options_exit_with_a_clear_message(option, message, tmp_path, capsys
 
 
 def test_budget_that_does_not_fit_the_model_is_an_error(tmp_path, capsys):
-    status = main(["demo", "--quick", "--models", "timm", "--reducer", "tome:r=150", "--out", str(tmp_path / "out"),
-                   "--no-progress"])
+    status = main(["demo", "--quick", "--models", "timm", "--reducer", "tome:r=150,strict=true", "--out",
+                   str(tmp_path / "out"), "--no-progress"])
     err = capsys.readouterr().err
     assert status == 1
-    assert "tome:r=150" in err and "clamp" in err
+    assert "tome:r=150,strict=true" in err and "strict=true" in err
     assert not (tmp_path / "out").exists()
 
 

@@ -12,6 +12,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import tolerance
+
 from vtc.models.decoder import DecoderSite, compact_index, layer_mask
 from vtc.models.patching import InstancePatcher
 from vtc.reducers.exit import VisualExit
@@ -19,6 +21,9 @@ from vtc.reducers.exit import VisualExit
 PAD, IMAGE = 0, 90  # ids >= IMAGE are image tokens
 PROMPTS = [[5, 90, 91, 92, 93, 17, 23, 42], [7, 12, 95, 33, 34, 35]]  # 4 and 1 image tokens
 NEW = 5  # generated tokens
+# accumulated products to a logit (tests/tolerance.py): 4 Llama layers of width 64 (MLP 128) over
+# at most 8 + NEW positions, then the final norm and the LM head
+LLM_TERMS = tolerance.transformer_terms(4, 64, 8 + NEW, hidden=128) + 2 * 64
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +118,7 @@ def test_drop_matches_a_hand_written_exit(model: LlamaForCausalLM) -> None:
     with exit_site(model, "drop") as site:
         site.set_visual(visual(inputs))
         logits = model(**inputs).logits
-    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=1e-6)
+    tolerance.assert_close(logits, expected, terms=LLM_TERMS)
 
 
 def test_drop_equals_mask(model: LlamaForCausalLM) -> None:
@@ -125,10 +130,10 @@ def test_drop_equals_mask(model: LlamaForCausalLM) -> None:
             runs[mode] = run(model, inputs)
             counts[mode], per_row[mode] = site.token_counts, site.kept_per_row.tolist()
     drop, mask = runs["drop"], runs["mask"]
-    torch.testing.assert_close(drop.logits, mask.logits, atol=1e-5, rtol=1e-5)
+    tolerance.assert_close(drop.logits, mask.logits, terms=LLM_TERMS)
     assert torch.equal(drop.tokens, mask.tokens)
     for a, b in zip(drop.scores, mask.scores, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        tolerance.assert_close(a, b, terms=LLM_TERMS)
     # after layer 1 the rows keep their 4 and 5 text tokens: 5 slots of 8, one padding slot in row 0
     kept = max(len(p) - sum(t >= IMAGE for t in p) for p in PROMPTS)
     assert kept == 5
@@ -149,7 +154,7 @@ def test_batch_equals_single(model: LlamaForCausalLM) -> None:
             alone = batch([prompt])
             site.set_visual(visual(alone))
             single = run(model, alone)
-            torch.testing.assert_close(together.logits[b], single.logits[0], atol=1e-5, rtol=1e-5)
+            tolerance.assert_close(together.logits[b], single.logits[0], terms=LLM_TERMS)
             assert torch.equal(together.tokens[b], single.tokens[0])
 
 
@@ -185,7 +190,7 @@ def test_generate_without_cache(model: LlamaForCausalLM) -> None:
     assert uncached.gen_lengths is None
     assert torch.equal(cached.tokens, uncached.tokens)
     for a, b in zip(cached.scores, uncached.scores, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        tolerance.assert_close(a, b, terms=LLM_TERMS)
 
 
 def test_sampling_drop_equals_mask(model: LlamaForCausalLM) -> None:

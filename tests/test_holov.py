@@ -1,11 +1,14 @@
-"""HoloV (holov.md): exact budgets, crops, the holistic property, CLS attention beside SDPA, LLaVA and
-LLaVA-NeXT through generate(), the bare-tower path, bad input."""
+"""HoloV (the HoloV paper, Zou et al., NeurIPS 2025; docs/ARCHITECTURE.md "HoloV"): exact budgets,
+crops, the holistic property, CLS attention beside SDPA, LLaVA and LLaVA-NeXT through generate(),
+the bare-tower path, bad input, and parity with the official code's selection
+(``tests/holov_reference.py``)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import tolerance
 import vtc
 from vtc.reducers.holov import _by_crop, band_crops, block_crops, crop_quotas, default_crops, holov_keep, similarity_variance
 
@@ -49,7 +52,7 @@ def test_quotas_redistribute_overflow_to_the_heaviest_crops_with_room():
 
 def test_crops_bands_and_blocks():
     real = torch.ones(1, 576, dtype=torch.bool)
-    crop = band_crops(real, 16)  # check 7: 36 contiguous tokens each
+    crop = band_crops(real, 16)  # 36 contiguous tokens each
     assert torch.equal(crop[0], torch.arange(576) // 36)
     sizes = torch.bincount(band_crops(real, 5)[0]).tolist()
     assert sizes == [116, 115, 115, 115, 115]
@@ -59,10 +62,17 @@ def test_crops_bands_and_blocks():
 
 
 def test_variance_matches_an_explicit_loop():
+    """The paper's off-diagonal variance, and the code's, whose sum also takes the zeroed diagonal
+    (one more ``mean^2`` over the same ``M - 1``). The matrix form works in float32: a cosine of
+    5-dim unit vectors (a normalisation and a dot product, 5 terms each) is off by the rounding of
+    10 float32 products, a squared deviation (|deviation| <= 2) by up to 4 times that, and the
+    averages keep that bound (tests/tolerance.py)."""
+    bound = tolerance.tolerance(torch.float32, terms=2 * 5, scale=4.0)
     x = torch.randn(1, 7, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     crop = band_crops(torch.ones(1, 7, dtype=torch.bool), 2)
     index, sizes = _by_crop(crop, 2)
     variance = similarity_variance(x, index, sizes)
+    code = similarity_variance(x, index, sizes, diagonal=True)
     z = torch.nn.functional.normalize(x[0], dim=-1)
     for c in range(2):
         members = index[0, c][index[0, c] >= 0].tolist()
@@ -71,7 +81,8 @@ def test_variance_matches_an_explicit_loop():
             sims = [float(z[i] @ z[j]) for j in members if j != i]
             mean = sum(sims) / (m - 1)
             expected = sum((s - mean) ** 2 for s in sims) / (m - 1)
-            assert variance[0, c, slot].item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+            assert variance[0, c, slot].item() == pytest.approx(expected, rel=0, abs=bound)
+            assert code[0, c, slot].item() == pytest.approx(expected + mean**2 / (m - 1), rel=0, abs=bound)
 
 
 def test_scale_invariance():
@@ -112,7 +123,12 @@ def test_cls_attention_beside_sdpa_equals_eager(llava):
     tower.config._attn_implementation = "eager"
     with torch.no_grad():
         eager = tower(inputs["pixel_values"], output_attentions=True).attentions[layer]
-    torch.testing.assert_close(ours, eager[:, :, 0].mean(dim=1), rtol=1e-5, atol=1e-6)
+    # SDPA and eager towers sum in other orders: patch embedding, the blocks before ``layer``, then
+    # the q/k projections and logits of block ``layer`` (counted as one more block)
+    vision = model.config.vision_config
+    terms = 3 * vision.patch_size**2 + tolerance.transformer_terms(
+        layer + 1, vision.hidden_size, eager.shape[-1], vision.intermediate_size)
+    tolerance.assert_close(ours, eager[:, :, 0].mean(dim=1), terms=terms)
 
 
 def test_k_equal_n_is_the_unreduced_llava(llava):
@@ -159,13 +175,29 @@ def test_bare_tower_returns_kept_features_and_indices(timm_vit):
         full = model.forward_features(images)
     p = model.num_prefix_tokens
     # the features are the last block's outputs at those patches (timm's final norm aside)
-    torch.testing.assert_close(model.norm(features), full[:, p:].gather(1, indices[..., None].expand(-1, -1, full.shape[-1])))
+    # (the unreduced forward through vtc's blocks is timm's, op for op: bit-identical)
+    assert torch.equal(model.norm(features), full[:, p:].gather(1, indices[..., None].expand(-1, -1, full.shape[-1])))
+    # the code's order: the same tokens, crop by crop (4 bands of 16 patches), a crop best first
+    # unless it is kept whole
+    options = dict(crops=4, rank="attention", lam=0.09)
+    kept, raster = prune(model, images, 10, **options)
+    coded, order = prune(model, images, 10, order="code", **options)
+    assert torch.equal(order.sort(dim=1).values, raster)
+    at = torch.searchsorted(raster, order)  # where each token in the code's order sits in raster order
+    assert torch.equal(coded, kept.gather(1, at[..., None].expand(-1, -1, kept.shape[-1])))
+    for row in order.tolist():
+        crops_seen = [i // 16 for i in row]
+        assert crops_seen == sorted(crops_seen)
+    with pytest.raises(ValueError, match="k=65 is more than the 64 visual tokens"):
+        prune(model, images, 65)
 
 
 def test_bad_input_gives_clear_errors(llava):
     model, _ = llava
     for spec, message in (("holov:k=0", "k must be a positive"), ("holov:k=4,crops=0", "crops must be a positive"),
-                          ("holov:k=4,shape=rings", "shape must be one of"), ("holov:k=4,rank=random", "rank must be")):
+                          ("holov:k=4,shape=rings", "shape must be one of"), ("holov:k=4,rank=random", "rank must be"),
+                          ("holov:k=4,order=best", "order must be one of"),
+                          ("holov:k=4,variance=sample", "variance must be one of")):
         with pytest.raises(ValueError, match=message):
             vtc.parse_reducer(spec)
     with pytest.raises(ValueError, match="more than the 16 visual tokens"):
@@ -199,3 +231,104 @@ def test_code_order_feeds_crops_in_turn_best_first(llava, llava_next):
             assert bool((scores.diff() <= 0).all())
     with pytest.raises(ValueError, match="order=code is for LLaVA-1.5"):
         vtc.apply(llava_next[0], "holov:k=6,order=code")
+
+
+# --- parity with the official code's selection (tests/holov_reference.py) --------------------------
+
+CODE_OPTIONS = dict(lam=0.09, rank="attention", order="code")  # the LLaVA code's configuration
+
+
+def _emitted(reducer, x, attention, k):
+    """Per row, the token indices ``reducer`` keeps, in the order they leave the connector."""
+    from vtc.reducers.base import Signals
+    from vtc.state import TokenState
+
+    batch, n, _ = x.shape
+    state = TokenState.start(torch.cat([torch.zeros_like(x[:, :1]), x], dim=1), 1, None)
+    signals = Signals(cls_attn=torch.cat([torch.zeros_like(attention[:, :1]), attention], dim=1))
+    out = reducer.reduce_visual(state, signals, torch.full((batch,), k))
+    assert out.valid is None and out.num_tokens == 1 + k
+    slot = out.origin[:, 1:]
+    return [sorted((i for i in range(n) if slot[b, i] >= 0), key=lambda i: int(slot[b, i])) for b in range(batch)]
+
+
+def _crop_counts(kept, size, crops):
+    return [sum(1 for i in kept if i // size == c) for c in range(crops)]
+
+
+def test_crop_weight_epsilon_acts_on_attention_scaled_by_1000_as_in_the_code():
+    """Three crops of 10 tokens with the same features, K = 10, crop mean attentions 0.0055,
+    0.002 (1 + 1e-5) and the rest of 0.01, so ``w K`` is 5.5, 2.00002 and 2.49998. The code's eps
+    (1e-6 against attention x 1000, i.e. 1e-9 against raw attention) leaves crop 1 at floor 2 and
+    the one token left over goes to crop 0: quotas 6, 2, 2. An eps of 1e-6 against raw attention
+    (weights 5e-5 to 1e-4 smaller) would drop crop 1 to floor 1 and give 6, 1, 3."""
+    from holov_reference import official_selection
+
+    size, crops, k = 10, 3, 10
+    block = torch.randn(size, 8, generator=torch.Generator().manual_seed(20))
+    x = block.repeat(crops, 1)[None]  # the same features in every crop: equal variance terms
+    means = torch.tensor([0.0055, 0.002 * (1 + 1e-5), 0.01 - 0.0055 - 0.002 * (1 + 1e-5)], dtype=torch.float64)
+    spread = 1 + 0.1 * (torch.arange(size, dtype=torch.float64) - 4.5) / 4.5  # distinct values, same mean
+    attention = (means[:, None] * spread).reshape(1, -1).float()
+    reference = official_selection(x[0], attention[0], crops, k)
+    assert reference.quotas == [6, 2, 2] and not reference.lost_overflow and not reference.padded
+    for options in ({}, CODE_OPTIONS):
+        keep = holov_keep(x, attention, torch.ones(1, crops * size, dtype=torch.bool), torch.tensor([k]),
+                          band_crops(torch.ones(1, crops * size, dtype=torch.bool), crops), crops,
+                          **{key: v for key, v in options.items() if key != "order"})[0]
+        assert _crop_counts(keep[0].nonzero()[:, 0].tolist(), size, crops) == [6, 2, 2], options
+    assert _emitted(vtc.HoloV(k=k, crops=crops, **CODE_OPTIONS), x, attention, k)[0] == reference.kept
+
+
+def test_code_order_emits_a_wholly_kept_crop_in_raster_order():
+    """Three crops of 4, K = 6, weights 0.65 / 0.2 / 0.15: floors 3, 1, 0 and the two left over go
+    to crops 0 and 1, so crop 0 keeps all 4 of its tokens. The code emits a whole crop as it stands
+    (raster order) and a partial one by attention, highest first; crop 0's attention rises along the
+    raster order, so best-first would reverse it."""
+    from holov_reference import official_selection
+
+    size, crops, k = 4, 3, 6
+    x = torch.randn(1, crops * size, 8, generator=torch.Generator().manual_seed(21))
+    rise = torch.tensor([0.7, 0.9, 1.1, 1.3])
+    attention = torch.cat([0.65 * rise, 0.2 * rise.flip(0), 0.15 * rise])[None] * 1e-2
+    reference = official_selection(x[0], attention[0], crops, k)
+    assert reference.quotas == [4, 2, 0] and reference.kept == [0, 1, 2, 3, 4, 5]
+    assert _emitted(vtc.HoloV(k=k, crops=crops, **CODE_OPTIONS), x, attention, k) == [reference.kept]
+
+
+def _random_image(generator, n, d):
+    """Features with a shared direction of random strength (mean cosine from ~0 to ~0.9) and CLS
+    attention like a softmax row's share (positive, summing to 0.2-1, random sharpness)."""
+    common = torch.randn(d, generator=generator) * float(torch.rand((), generator=generator)) * 3
+    x = torch.randn(n, d, generator=generator) + common
+    sharp = float(torch.rand((), generator=generator)) * 4
+    attention = torch.softmax(torch.randn(n, generator=generator) * sharp, dim=0)
+    return x, attention * (0.2 + 0.8 * float(torch.rand((), generator=generator)))
+
+
+def test_code_configuration_keeps_the_official_sets_and_order():
+    """Random images, crop counts and budgets, four images per batch: under the code's options
+    (lam 0.09, attention ranking, code order, the code's variance) every image where the code
+    neither loses overflow nor pads, nor has a one-token crop, keeps exactly the official code's
+    tokens in the official order."""
+    from holov_reference import official_selection
+
+    generator = torch.Generator().manual_seed(22)
+    compared = whole = 0
+    for _ in range(150):
+        n = int(torch.randint(6, 48, (), generator=generator))
+        crops = int(torch.randint(1, n // 2 + 1, (), generator=generator))
+        k = int(torch.randint(1, n, (), generator=generator))
+        images = [_random_image(generator, n, 12) for _ in range(4)]
+        x = torch.stack([image[0] for image in images])
+        attention = torch.stack([image[1] for image in images])
+        ours = _emitted(vtc.HoloV(k=k, crops=crops, variance="code", **CODE_OPTIONS), x, attention, k)
+        for row in range(4):
+            reference = official_selection(x[row], attention[row], crops, k)
+            assert not reference.single_token_crop
+            if reference.lost_overflow or reference.padded:
+                continue
+            assert ours[row] == reference.kept, (n, crops, k, row)
+            compared += 1
+            whole += any(q == s for q, s in zip(reference.quotas, reference.sizes))
+    assert compared >= 300 and whole >= 50, (compared, whole)

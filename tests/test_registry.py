@@ -21,7 +21,7 @@ def test_registry_names():
         ("tome:r=5;0;0;0", ToMe(r=(5, 0, 0, 0))),
         ("tome:r=5;", ToMe(r=(5,))),
         ("tome:r=16,inflect=-1", ToMe(r=16, inflect=-1.0)),
-        ("tome:r=4,schedule=linear,prop_attn=false,clamp=TRUE", ToMe(r=4, schedule="linear", prop_attn=False, clamp=True)),
+        ("tome:r=4,schedule=linear,prop_attn=false,strict=TRUE", ToMe(r=4, schedule="linear", prop_attn=False, strict=True)),
         ("evit:keep=0.7,layers=3;6;9", EViT(keep=0.7, layers=(3, 6, 9))),
         ("evit:keep=0.5,layers=2,fuse=false", EViT(keep=0.5, layers=(2,), fuse=False)),
         ("evit:tokens=30;20,layers=1;2", EViT(tokens=(30, 20), layers=(1, 2))),
@@ -49,7 +49,7 @@ def test_objects_pass_through():
         ToMe(r=[1, 2]),
         ToMe(r=16, inflect=-1.0),
         ToMe(r=16, inflect=0.5),
-        ToMe(r=3, schedule="reverse-linear", prop_attn=False, clamp=True),
+        ToMe(r=3, schedule="reverse-linear", prop_attn=False, strict=True),
         EViT(),
         EViT(keep=0.5, layers=(3,), fuse=False),
         EViT(keep=1.0),
@@ -83,7 +83,7 @@ def test_unknown_reducer():
 
 
 def test_unknown_option_names_the_allowed_ones():
-    with pytest.raises(ValueError, match=r"tome: bad option 'k=1' .* options are clamp, inflect, prop_attn, r, schedule"):
+    with pytest.raises(ValueError, match=r"tome: bad option 'k=1' .* options are inflect, prop_attn, r, schedule, strict"):
         parse_reducer("tome:k=1")
     with pytest.raises(ValueError, match=r"evit: bad option 'keep' .*option=value"):
         parse_reducer("evit:keep")

@@ -1,4 +1,4 @@
-"""DyMU's thresholded bipartite merging on the shared kernels (dymu.md B.1 step 4, B.4, checks 1-5)."""
+"""DyMU's thresholded bipartite merging on the shared kernels (DyMU paper, Sec. 3.1)."""
 
 from __future__ import annotations
 

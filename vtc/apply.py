@@ -1,4 +1,5 @@
-"""``vtc.apply``: attach reducers to one model instance, reversibly (DESIGN.md "Applying and removing")."""
+"""``vtc.apply``: attach reducers to one model instance, reversibly (docs/ARCHITECTURE.md
+"Adapters and apply")."""
 
 from __future__ import annotations
 
@@ -39,6 +40,18 @@ class Handle:
         """The same counts predicted from the plan at the model's default input size."""
         return self.adapter.planned_token_counts()
 
+    @property
+    def removed_per_layer(self) -> list[int]:
+        """Tokens each vision block removed in the last forward (length L): for ToMe the ``r``
+        each layer actually merged, after the per-layer cap of half its mergeable tokens. Under a
+        dynamic reducer (DyMU) these are differences of the padded batch width; per-image counts
+        are in ``image_token_counts``."""
+        return _differences(self.token_counts)
+
+    def planned_removed_per_layer(self) -> list[int]:
+        """The same per-block removals predicted from the plan at the model's default input size."""
+        return _differences(self.planned_token_counts())
+
     def __getattr__(self, name: str):
         # site-specific reports of richer adapters (e.g. ``visual_tokens`` of a LLaVA model)
         if name.startswith("_") or "adapter" not in self.__dict__:
@@ -64,6 +77,10 @@ class Handle:
     def __repr__(self) -> str:
         names = ", ".join(r.describe() for r in self.reducers) or "no reducer"
         return f"<vtc.Handle {self.adapter.family}: {names}{'' if self.active else ' (removed)'}>"
+
+
+def _differences(counts: list[int]) -> list[int]:
+    return [before - after for before, after in zip(counts, counts[1:])]
 
 
 def apply(model: nn.Module, *reducers: Reducer | str, **options) -> Handle:

@@ -1,4 +1,6 @@
-"""Per-layer budget schedules (DESIGN.md "Budgets"; tome.md section b "Schedules"; dymu.md B.2).
+"""Per-layer budget schedules: ToMe's ``(r, inflect)`` schedules (official code,
+``tome/utils.py`` ``parse_r``) and DyMU's constant / linear / reverse-linear ones (official code
+``_get_rs``; DyMU paper, Wang et al., 2025, schedule ablation, Table 5).
 
 All functions are pure: a budget goes in, a list with one entry per layer comes out.
 """
@@ -25,16 +27,17 @@ def tome_inflection(r: int, inflect: float, num_layers: int) -> list[int]:
 
 
 def constant_total(total: int, num_layers: int) -> list[int]:
-    """``total`` spread evenly; the remainder goes one each to the first layers (dymu.md B.2)."""
+    """``total`` spread evenly; the remainder goes one each to the first layers (DyMU's
+    ``constant`` schedule)."""
     base, extra = divmod(total, num_layers)
     return [base + (1 if layer < extra else 0) for layer in range(num_layers)]
 
 
 def linear_total(total: int, num_layers: int) -> list[int]:
     """More merging early: ``r0 = floor(2R/L)`` decreasing by ``r0/L`` per layer until the sum
-    reaches ``total``, one partial entry, zero padding (dymu.md B.2). When the decreasing values
-    reach 0 before the sum reaches ``total`` (small totals), the rest is that one partial entry,
-    so the tail is not monotone (e.g. ``linear_total(96, 24)`` ends ``1, 1, 1, 4, 0``)."""
+    reaches ``total``, one partial entry, zero padding (DyMU's ``linear`` schedule). When the
+    decreasing values reach 0 before the sum reaches ``total`` (small totals), the rest is that one
+    partial entry, so the tail is not monotone (e.g. ``linear_total(96, 24)`` ends ``1, 1, 1, 4, 0``)."""
     r0 = (2 * total) // num_layers
     step = r0 / num_layers
     out: list[int] = []

@@ -1,11 +1,12 @@
-"""DyMU threshold calibration (``shared/specs/dymu.md`` B.3) and calibration files.
+"""DyMU threshold calibration (DyMU paper, Sec. 3.1, batch-level threshold finding) and calibration files.
 
 :func:`calibrate` runs a frozen encoder over calibration images with a per-layer merge budget
-``r_l`` (from a target average token count and a schedule, B.2). In every block of every batch
-the A-token edges of all images are ranked jointly, the best ``B * r_l`` merge (simple images
-give more of them) and the score of the first rejected edge is that batch's threshold; a layer's
-threshold is the mean over batches (and over processes with ``accelerate``). The result, a
-:class:`Calibration`, is saved as ``thresholds.safetensors`` + ``dymu.json`` in a folder and used
+``r_l`` (from a target average token count and a schedule, :func:`merge_schedule`). In every
+block of every batch the A-token edges of all images are ranked jointly, the best ``B * r_l``
+merge (simple images give more of them) and the score of the first rejected edge is that batch's
+threshold; a layer's threshold is the mean over batches (and over processes with ``accelerate``).
+The result, a :class:`Calibration`, is saved as ``thresholds.safetensors`` (float64, so a
+reloaded calibration is bit-identical to the measured one) + ``dymu.json`` in a folder and used
 by ``vtc.DyMU(calibration=folder)`` or, for shipped models, ``"dymu:preset=low"``.
 
 Calibrations are checked against the encoder they are applied to: its layer and token counts,
@@ -32,7 +33,8 @@ from vtc.reducers.base import EncoderInfo, EncoderReducer, Signal, Signals
 from vtc.reducers.dymu import DyMU
 from vtc.state import TokenState
 
-# Share of patch tokens kept: the paper's 72 / 192 / 384 of 576 for LLaVA-1.5 (dymu.md c, "72out" ...).
+# Share of patch tokens kept: DyMU-low / mid / high's 72 / 192 / 384 of 576 for LLaVA-1.5 (the
+# official configs ``ViT-L-14-336-tome-72out``, ``-192out``, ``-384out``).
 PRESETS = {"low": 1 / 8, "mid": 1 / 3, "high": 2 / 3}
 SCHEDULES = ("constant", "linear", "reverse-linear")
 TENSORS, CONFIG = "thresholds.safetensors", "dymu.json"
@@ -70,7 +72,7 @@ class Calibration:
         if any((folder / name).exists() for name in (TENSORS, CONFIG)) and not overwrite:
             raise FileExistsError(f"{folder} already holds a DyMU calibration; pass overwrite=True to replace it")
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({"thresholds": torch.tensor(self.thresholds, dtype=torch.float32),
+        save_file({"thresholds": torch.tensor(self.thresholds, dtype=torch.float64),  # as measured, bit for bit
                    "merges": torch.tensor(self.merges, dtype=torch.int64)}, str(folder / TENSORS))
         meta = {k: v for k, v in asdict(self).items() if k not in ("thresholds", "merges")}
         (folder / CONFIG).write_text(json.dumps({"method": "dymu", **meta}, indent=2) + "\n")
@@ -143,7 +145,7 @@ def find_calibration(info: EncoderInfo, calibration: str | None, preset: str | N
 def merge_schedule(info: EncoderInfo, target: float | str, schedule: str, clamp: bool = False) -> tuple[float, list[int]]:
     """(target patch tokens, per-layer merges r_l) for an average ``target`` (or a preset name).
 
-    A layer asked for more merges than half its tokens (counted as ToMe would, B.2) is an error,
+    A layer asked for more merges than half its tokens (counted as ToMe would) is an error,
     or with ``clamp`` gets its cap and hands the excess to the layers before it (nearest first):
     shallow encoders need this for low targets. Not in the paper, whose encoders have 24-27 layers.
     """
@@ -186,7 +188,8 @@ def _first_overflow(merges: list[int], info: EncoderInfo) -> tuple[int, int] | N
 
 @dataclass
 class _Calibrating(EncoderReducer):
-    """Batch-level bipartite merging that records thresholds (dymu.md B.3 steps 1-6)."""
+    """Batch-level bipartite merging that records thresholds (DyMU paper, Sec. 3.1, batch-level
+    threshold finding)."""
 
     name: ClassVar[str] = "dymu-calibration"
     needs: ClassVar[frozenset[Signal]] = frozenset({Signal.KEY_MEAN})
@@ -264,7 +267,7 @@ def calibrate(
     progress: bool = True,
     accelerator: Any = None,
 ) -> Calibration:
-    """Find per-layer DyMU thresholds for ``model`` (dymu.md B.3).
+    """Find per-layer DyMU thresholds for ``model`` (DyMU paper, Sec. 3.1).
 
     Args:
         model: a timm / open_clip / HF CLIP or SigLIP encoder, or an HF LLaVA (its tower up to the
@@ -273,12 +276,12 @@ def calibrate(
             iterable of batches (tensors, ``(pixels, ...)`` tuples or processor outputs).
         target: average patch tokens (prefix excluded) kept after the last layer, or a preset
             (``low`` | ``mid`` | ``high``: 1/8, 1/3, 2/3 of the patch tokens).
-        schedule: how the merges ``R = patches - target`` spread over layers (B.2).
+        schedule: how the merges ``R = patches - target`` spread over layers (:func:`merge_schedule`).
         clamp: move merges a layer cannot make to earlier layers (:func:`merge_schedule`).
         cap: optional per-image cap ratio (edges beyond rank ``cap * r_l`` of their image masked).
         held_out: other images on which the realised average is measured and reported.
         accelerator: an ``accelerate.Accelerator`` whose processes each saw their share of the
-            batches; thresholds and counts are summed over processes (B.3 step 6).
+            batches; thresholds and counts are summed over processes.
     """
     for given in (images, held_out):
         if given is not None and not isinstance(given, torch.Tensor) and iter(given) is given:

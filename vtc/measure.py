@@ -1,4 +1,4 @@
-"""Measurement: FLOPs, latency, throughput and fidelity (DESIGN.md "Measurement, fidelity, tuning").
+"""Measurement: FLOPs, latency, throughput and fidelity (docs/ARCHITECTURE.md "Measurement").
 
 FLOPs follow ``torch.utils.flop_counter``'s convention (2 per multiply-accumulate, matrix products
 and convolutions only; norms, softmax and elementwise ops are not counted). The analytic count

@@ -1,4 +1,5 @@
-"""Pure token-reduction functions shared by every reducer (spec tome.md section b, evit.md section b).
+"""Pure token-reduction functions shared by every reducer (ToMe paper, Bolya et al., ICLR 2023, Sec. 3;
+EViT, Liang et al., ICLR 2022, token reorganisation; docs/ARCHITECTURE.md "Shared reduction functions").
 
 The shape follows ToMe's ``merge.py``: a metric goes in, a destination map comes out, and one
 function applies any map to a :class:`~vtc.state.TokenState`. A destination map ``dest`` (B, N)
@@ -14,14 +15,16 @@ from vtc.state import TokenState
 
 
 def merge_capacity(n_tokens: int, n_prefix: int) -> int:
-    """Most tokens one bipartite step can remove: half of the mergeable tokens (tome.md b.2.1)."""
+    """Most tokens one bipartite step can remove: half of the mergeable tokens (ToMe paper,
+    Sec. 3, "Bipartite Soft Matching": up to 50%; official code ``tome/merge.py``)."""
     return max(0, (n_tokens - n_prefix) // 2)
 
 
 def bipartite_soft_matching(
     metric: torch.Tensor, r: int, n_prefix: int, valid: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, int]:
-    """ToMe's bipartite soft matching as a destination map (tome.md b.2-b.3).
+    """ToMe's bipartite soft matching as a destination map (ToMe paper, Sec. 3,
+    "Bipartite Soft Matching"; official code ``tome/merge.py``).
 
     A = even, B = odd positions of the current order; each A token points to its most similar B
     token (cosine of ``metric``); the ``r`` best-scoring A tokens merge into their partners.
@@ -47,11 +50,13 @@ def bipartite_threshold_matching(
     metric: torch.Tensor, threshold: float, n_prefix: int, valid: torch.Tensor | None = None,
     cap: torch.Tensor | int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """DyMU's thresholded matching (dymu.md B.1 step 4, B.4): in every image each A token whose
+    """DyMU's thresholded matching (DyMU paper, Sec. 3.1): in every image each A token whose
     best edge scores strictly above ``threshold`` merges into its partner, at most
     ``(valid tokens - n_prefix) // 2`` per image (the best edges first), so images keep
     different token counts. Real tokens come first in ToMe's order, padding after them.
     ``cap`` (int or (B,)) lowers the per-image maximum further (DyMU's optional per-image cap).
+    The comparison is exact: scores are widened to float64 (exactly) and compared with the float64
+    threshold, never with the threshold rounded to the scores' dtype.
 
     Returns ``(dest, real, n_out)``: the destination map, (B,) real tokens per image afterwards
     and the padded width ``n_out`` (pass ``real`` to :func:`merge_tokens`).
@@ -63,13 +68,14 @@ def bipartite_threshold_matching(
     if cap is not None:
         limit = torch.minimum(limit, torch.as_tensor(cap, device=metric.device).reshape(-1, 1))
     return bipartite_merge_map(
-        (score > threshold) & (_rank(score) < limit), partner, n, n_prefix, valid
+        (score.to(torch.float64) > threshold) & (_rank(score) < limit), partner, n, n_prefix, valid
     )
 
 
 def batch_top_edges(score: torch.Tensor, count: int) -> tuple[torch.Tensor, float]:
-    """DyMU's batch-level selection (dymu.md B.3 steps 3-4): rank every image's A-token edges
-    jointly across the batch and select the ``count`` best (ties: lower image, then lower A index).
+    """DyMU's batch-level selection (DyMU paper, Wang et al., 2025, Sec. 3.1): rank every image's
+    A-token edges jointly across the batch and select the ``count`` best (ties: lower image, then
+    lower A index).
 
     Returns ``(is_src, threshold)``: (B, N_A) selected sources and the score of the first
     rejected edge clamped at 0 (0 when every finite edge was selected).
@@ -89,7 +95,7 @@ def bipartite_merge_map(
     """The destination map merging the selected A tokens ``is_src`` (B, N_A) into their
     ``partner`` B tokens, with per-image counts: ``(dest, real, n_out)`` as
     :func:`bipartite_threshold_matching` returns them. An image without any source keeps its
-    order (the identity map), as a single-image run that skips the step would (dymu.md B.1 step 4).
+    order (the identity map), as a single-image run that skips the step would.
 
     The padded width is the most real tokens any image keeps: padding that does not fit folds into
     the last slot (padding has size 0, so it adds nothing to the size-weighted merge)."""
@@ -130,7 +136,8 @@ def _destinations(
     dest_b = torch.where(b_index < prefix_b, 2 * b_index + 1, n_prefix + n_kept_a + real_b.cumsum(dim=1) - 1)
     dest_a = torch.where(padding[:, 0::2], pad_slot[:, 0::2], dest_a)
     dest_b = torch.where(padding[:, 1::2], pad_slot[:, 1::2], dest_b)
-    dest_a = torch.where(is_src, dest_b.gather(1, partner), dest_a)
+    if n_b:  # one token and no prefix leaves B empty: nothing can merge, every A token stays
+        dest_a = torch.where(is_src, dest_b.gather(1, partner), dest_a)
     dest = torch.empty(batch, n, dtype=torch.long, device=device)
     dest[:, 0::2] = dest_a
     dest[:, 1::2] = dest_b
@@ -160,9 +167,9 @@ def merge_tokens(
     if real is not None:  # real tokens first, padding (possibly folded into one slot) after
         if bool((real < n_out).any()):
             valid = torch.arange(n_out, device=dest.device) < real[:, None]
-    elif state.valid is not None:
-        valid = torch.zeros(dest.shape[0], n_out, dtype=torch.bool, device=dest.device)
-        valid.scatter_(1, dest, state.valid)
+    elif state.valid is not None:  # a slot is real when any real token lands in it (scatter_ would let
+        # a padding token sharing the slot decide, in an unspecified order)
+        valid = torch.zeros(dest.shape[0], n_out, device=dest.device).scatter_add_(1, dest, state.valid.float()) > 0
     return state.replace(
         x=x, size=size, origin=remap_origin(state.origin, dest), valid=valid, grid=None,
         prop_attn=state.prop_attn or prop_attn,
@@ -175,8 +182,9 @@ def keep_tokens(
     """Keep the prefix and the tokens at ``keep`` (B, k), in that order; drop the rest.
 
     With ``fuse_weight`` (B, N) the dropped non-prefix tokens are instead summed into one extra
-    last token, ``sum_j w_j x_j`` with unnormalised weights (EViT's fusion, evit.md b.6); its size
-    is the sum of theirs. Without it, dropped tokens leave ``origin`` as -1.
+    last token, ``sum_j w_j x_j`` with unnormalised weights (EViT's inattentive-token fusion, Liang
+    et al., ICLR 2022); its size is the sum of theirs. Without it, dropped tokens leave ``origin``
+    as -1.
     """
     batch, n = state.x.shape[:2]
     p, k = state.n_prefix, keep.shape[1]
@@ -230,7 +238,8 @@ def keep_top(state: TokenState, score: torch.Tensor, counts: torch.Tensor) -> To
 
 
 def size_weighted_mean(x: torch.Tensor, size: torch.Tensor | None, valid: torch.Tensor | None) -> torch.Tensor:
-    """Mean over tokens weighted by how many original tokens each stands for (tome.md "Final pooling")."""
+    """Mean over tokens weighted by how many original tokens each stands for (as the official ToMe
+    code's MAE patch pools, ``tome/patch/mae.py``)."""
     if size is None and valid is None:
         return x.mean(dim=1)
     weight = torch.ones(x.shape[:2], device=x.device) if size is None else size.float()

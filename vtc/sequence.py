@@ -1,5 +1,6 @@
-"""Rebuilding an LLM input sequence after each image got its own token count (DESIGN.md
-"Variable token counts in VLMs", ``shared/specs/hf-llava.md`` Route B).
+"""Rebuilding an LLM input sequence after each image got its own token count, inside the model,
+from the full set of placeholders HF transformers' LLaVA processors expand ``<image>`` to
+(docs/ARCHITECTURE.md "LLaVA and LLaVA-NeXT", Sequence).
 
 Pure tensor functions, no model classes. The processor expanded every image to its full count of
 placeholder tokens; after reduction image ``i`` carries ``K_i`` tokens. :func:`image_slots` finds

@@ -1,4 +1,5 @@
-"""`TokenState`: the tokens of one forward pass and what each one stands for (DESIGN.md "Core state")."""
+"""`TokenState`: the tokens of one forward pass and what each one stands for (docs/ARCHITECTURE.md
+"TokenState")."""
 
 from __future__ import annotations
 

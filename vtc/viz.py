@@ -1,7 +1,7 @@
 """Pictures of what a reducer did to the patches, computed from ``TokenState.origin`` alone.
 
-Every original patch is labelled with the token that now carries it (tome.md b, "Unmerge":
-ToMe's ``make_visualization`` labels patches through its source map the same way). Patches that
+Every original patch is labelled with the token that now carries it (the official ToMe code's
+``make_visualization``, ``tome/vis.py``, labels patches through its source map the same way). Patches that
 share a token form a *group*; :func:`draw_groups` paints each merged group in its own colour over
 the image with a border in that colour, greys out dropped patches (``origin == -1``) and leaves
 patches that are still a token of their own as they were (thin neutral border).

@@ -1,4 +1,5 @@
-"""Virtual token unmerging, the tensor algebra (``shared/specs/dymu.md`` B.5). No model classes.
+"""Virtual token unmerging, the tensor algebra (DyMU paper, Wang et al., 2025, Sec. 3.2). No model
+classes.
 
 A *virtual map* ``pi`` (B, T) gives, for every position of the full-length sequence, the row of
 the unique (merged) token standing there; ``width`` is the number of unique rows (padded across
@@ -37,7 +38,7 @@ def repeat_covered(features: torch.Tensor, cover: torch.Tensor) -> tuple[torch.T
 
 def group_mean(x: torch.Tensor, pi: torch.Tensor, width: int) -> torch.Tensor:
     """(B, width, ...) mean of the rows of ``x`` (B, T, ...) in each group: ``(M^T M)^-1 M^T x``
-    (B.5 (4)); a unique row no position maps to comes out as zeros."""
+    (DyMU paper, Sec. 3.2, the re-merge); a unique row no position maps to comes out as zeros."""
     shape = (x.shape[0], width, *x.shape[2:])
     index = pi.view(*pi.shape, *([1] * (x.dim() - 2))).expand_as(x)
     total = torch.zeros(shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
@@ -49,7 +50,8 @@ def group_mean(x: torch.Tensor, pi: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def expand(x: torch.Tensor, pi: torch.Tensor, dim: int = 1) -> torch.Tensor:
-    """``M x``: the unique rows of ``x`` gathered to full length along ``dim`` (B.5 ``E = M E_un``)."""
+    """``M x``: the unique rows of ``x`` gathered to full length along ``dim`` (the virtual
+    full-length sequence of DyMU paper, Sec. 3.2)."""
     shape = [1] * x.dim()
     shape[0], shape[dim] = pi.shape
     index = pi.view(shape).expand(*x.shape[:dim], pi.shape[1], *x.shape[dim + 1 :])
@@ -57,7 +59,8 @@ def expand(x: torch.Tensor, pi: torch.Tensor, dim: int = 1) -> torch.Tensor:
 
 
 def rope_logits(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
-    """RoPE attention logits of the virtual sequence from unique rows (B.5 (2), paper Eq. 10).
+    """RoPE attention logits of the virtual sequence from unique rows (DyMU paper,
+    Wang et al., 2025, Sec. 3.2, Eq. 10).
 
     ``q`` (B, H, U, d) and ``k`` (B, H, U, d) are un-rotated unique queries and keys (rotate-half
     pairing: coordinate f with f + d/2), ``cos``/``sin`` (B, T, d) the rotary tables at the full
@@ -96,7 +99,7 @@ def exact_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pi: torch.Tensor,
     mask: torch.Tensor | None, scaling: float,
 ) -> torch.Tensor:
-    """Attention of the virtual sequence from unique rows (B.5 (2)-(3)): softmax of
+    """Attention of the virtual sequence from unique rows (DyMU paper, Sec. 3.2): softmax of
     :func:`rope_logits` with the (B|1, 1, T, T) ``mask`` (bool: True = attend; float: added; None:
     causal), then ``(P M) V_un``: probabilities summed over each group's columns before the value
     product. Returns (B, H, T, d), one output per position (before the copies are averaged)."""

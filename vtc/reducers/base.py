@@ -1,4 +1,4 @@
-"""The reducer interface (DESIGN.md "Where a reducer acts", "Signals without giving up fast attention").
+"""The reducer interface (docs/ARCHITECTURE.md "Reducers"; the signals: "Adapters and apply").
 
 A reducer knows tensors and :class:`~vtc.state.TokenState`, never a model class. There is one
 interface per site:
@@ -124,19 +124,24 @@ class ConnectorInfo:
     family: str
     num_tokens: int | None  # reducible visual tokens per image (None: they vary per image, checked at run time)
     n_prefix: int  # leading tokens kept as they are (the CLS token under the "full" strategy)
-    grid: tuple[int, int] | None  # patch grid of those tokens while still in raster order
+    grid: tuple[int, int] | None  # patch grid the image's visual tokens come from
     has_cls: bool = True  # the tower has a CLS token (whose attention row signals can give)
+    reordered: bool = False  # an encoder reducer runs first: tokens may be merged, dropped, out of raster order
 
 
 class ConnectorReducer(Reducer):
     """A reducer on the per-image visual sequence between the vision tower and the LLM.
 
     ``before_projector`` says whether it sees vision-tower features (True) or projected ones.
-    Signals in ``connector_needs`` are computed at the vision feature layer.
+    Signals in ``connector_needs`` are computed at the vision feature layer. ``needs_grid`` says
+    that :meth:`reduce_visual` works on one token per patch in raster order: after an encoder
+    reducer the adapter lays the reduced tokens back on the patch grid first
+    (:func:`vtc.grid.lay_on_grid`; dropped patches come as padding, ``valid`` False).
     """
 
     connector_needs: ClassVar[frozenset[Signal]] = frozenset()
     before_projector: ClassVar[bool] = True
+    needs_grid: ClassVar[bool] = False
 
     @property
     def ordered(self) -> bool:

@@ -1,4 +1,5 @@
-"""Pruning reducers at fixed layers: EViT (spec ``shared/specs/evit.md``) and the random baseline.
+"""Pruning reducers at fixed layers: EViT (Liang et al., "Not All Patches are What You Need",
+ICLR 2022; official code github.com/youweiliang/evit) and the random baseline.
 
 Both keep ``k = ceil(keep * (N - p))`` of the non-prefix tokens at each drop layer (or an explicit
 ``tokens`` count); they differ only in how tokens are ranked.
@@ -81,7 +82,8 @@ class _DropAtLayers(EncoderReducer):
 
 @dataclass
 class EViT(_DropAtLayers):
-    """Keep the tokens the CLS token attends to most; fuse the rest into one token (evit.md b).
+    """Keep the tokens the CLS token attends to most; fuse the rest into one token (EViT's token
+    reorganisation: attentive-token selection, inattentive-token fusion).
 
     Args:
         keep: keep rate kappa in (0, 1]; ``k = ceil(kappa (N - p))`` counts a previous fused token.
@@ -89,11 +91,11 @@ class EViT(_DropAtLayers):
         fuse: fuse inattentive tokens into one token weighted by their (unnormalised) CLS attention.
         tokens: explicit kept count per drop layer (overrides ``keep``), as the official ``tokens``.
 
-    Inference-only use on pretrained weights, as the spec describes (evit.md b, "without training").
+    Inference-only use on pretrained weights (EViT adds no parameters; the paper trains with it).
     Departures: CLS attention is one softmax row computed beside SDPA instead of eager attention;
-    every prefix token (not only CLS) is protected (evit.md g.1); ties in attentiveness are broken
-    toward the lower index. Kept tokens are ordered by decreasing attentiveness, as in the paper.
-    Towers without a CLS token (SigLIP) are refused: EViT is not defined there (evit.md g.9).
+    every prefix token (not only CLS) is protected (the official code prunes a DeiT distillation
+    token like a patch); ties in attentiveness are broken toward the lower index. Kept tokens are ordered by decreasing attentiveness, as in the paper.
+    Towers without a CLS token (SigLIP) are refused: EViT is not defined there.
     The fused token's ``size`` is the number of original tokens it absorbed, so on an average-pooled
     CLS model (not a setting the paper covers) size-weighted pooling weights it by that count.
     """

@@ -1,25 +1,35 @@
-"""DyMU's DToMe — dynamic token merging with per-layer similarity thresholds (``shared/specs/dymu.md``).
+"""DyMU's DToMe — dynamic token merging with per-layer similarity thresholds (Wang et al.,
+"DyMU: Dynamic Merging and Virtual Unmerging for Efficient VLMs", 2025, Sec. 3.1).
 
 ToMe's bipartite matching (keys averaged over heads, cosine, A = even / B = odd positions,
 size-weighted merge, proportional attention, prefix protected), but each block merges every A
-token whose best edge scores strictly above the block's threshold tau_l (B.1), at most half of
-the image's mergeable tokens. Token counts follow image content, so a batch carries per-image
-counts as padding: later attention masks the padding and pooling is size-weighted over real
-tokens (B.4). Thresholds come from :func:`vtc.dymu.calibrate` (B.3), loaded by name or folder,
-or are given directly.
+token whose best edge scores strictly above the block's threshold tau_l, at most half of the
+image's mergeable tokens. Token counts follow image content, so a batch carries per-image counts
+as padding: later attention masks the padding and pooling ignores it. Thresholds come from
+:func:`vtc.dymu.calibrate`, loaded by name or folder, or are given directly; they are float64
+and scores (float32) are compared with them exactly. A block with nothing to merge (no edge above
+tau, or one token left on a tower without CLS) passes the image through unchanged, as the
+official code does.
 
-Departures from the official code, all deliberate (dymu.md g):
+Departures from the official code, all deliberate:
 * a batch gives exactly the merges, order and features of single-image runs: exact division by
-  sizes (no ``size + 1e-4``, g.6), stable sorts (g.7), the per-image cap of the single-image path
-  in batches too (g.8); an image with no edge above tau in a block keeps its order (B.1 step 4);
+  sizes (the official batch path divides by ``size + 1e-4``), stable sorts (the official re-packing
+  sort is unstable), the per-image cap of the single-image path in batches too (the official batch
+  path has none); an image with no edge above tau in a block keeps its order;
+* without a CLS token (SigLIP) the unmerged A tokens keep their index order; the official
+  single-image path leaves them in descending-score order (ToMe's code re-sorts them by index only
+  when there is a class token), which changes the next block's A/B split;
+* average pooling is size-weighted over the real tokens (each merged token counts for the patches
+  it holds); the official code takes a plain mean of the remaining tokens;
 * similarities are float32 dot products (also in the Triton kernel: no half-precision tensor
-  cores) of the keys averaged in the model's dtype, in calibration and inference alike (g.11);
-* a calibrated block merges when its schedule gives it merges (r_l > 0, g.10), whatever its
-  threshold, so a threshold of exactly 1 (duplicate tokens, g.9) still merges what scores above
-  it; explicit thresholds of 1 or more turn their block off; mode never follows
-  ``train()``/``eval()`` (g.12);
+  cores) of the keys averaged in the model's dtype, in calibration and inference alike (the
+  official thresholds were found in bf16);
+* a calibrated block merges when its schedule gives it merges (r_l > 0), whatever its threshold,
+  so a threshold of exactly 1 (duplicate tokens; the official code reads 1.0 as "unset") still
+  merges what scores above it; explicit thresholds of 1 or more turn their block off; mode never
+  follows ``train()``/``eval()`` (the official blocks calibrate in train mode);
 * in a LLaVA the tower runs only up to the vision feature layer, so the layers after it (the last
-  CLIP-L block under layer -2) neither merge nor count (g.17).
+  CLIP-L block under layer -2) neither merge nor count.
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ class DyMU(EncoderReducer):
             ``-1`` = it merges the most it can).
         calibration: name or folder of a saved calibration (:func:`vtc.dymu.load_calibration`).
         preset: ``low`` | ``mid`` | ``high``: the calibration shipped for this model at that
-            preset (dymu.md c; :data:`vtc.dymu.PRESETS`).
+            preset (the paper's low / mid / high; :data:`vtc.dymu.PRESETS`).
         cap: the optional per-image cap ``int(cap * r_l)`` merges per block, ``r_l`` being the
             calibration's per-layer average (``max_r_per_instance_ratio``); needs a calibration.
         prop_attn: proportional attention (``log(size)`` key bias), on in the paper.
@@ -108,7 +118,7 @@ class DyMU(EncoderReducer):
             taus, merges = calibration.thresholds, calibration.merges
         plan: list[LayerThreshold | None] = []
         for tau, r in zip(taus, merges):
-            gate = tau < 1.0 if r is None else r > 0  # a calibration gates by its schedule (g.9, g.10)
+            gate = tau < 1.0 if r is None else r > 0  # a calibration gates by its schedule, as the official code does
             cap = None if self.cap is None or r is None else int(self.cap * r)
             plan.append(LayerThreshold(float(tau), cap) if gate else None)
         return plan
@@ -118,11 +128,12 @@ class DyMU(EncoderReducer):
         return num_tokens
 
     def reduce(self, state: TokenState, signals: Signals, budget: LayerThreshold, layer: int) -> TokenState:
-        dest, real, n_out = bipartite_threshold_matching(  # float32 scores whatever the model's dtype (g.11)
+        dest, real, n_out = bipartite_threshold_matching(  # float32 scores whatever the model's dtype, so
+            # borderline edges do not flip with the model's precision
             signals.key_mean.float(), budget.threshold, state.n_prefix, state.valid, budget.cap
         )
         if bool((real == state.real_counts()).all()):
-            return state  # no image merged anything: every order stays (B.1 step 4)
+            return state  # no image merged anything: every order stays
         return merge_tokens(state, dest, n_out, self.prop_attn, real)
 
     def companions(self) -> tuple[Reducer, ...]:

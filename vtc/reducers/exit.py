@@ -1,10 +1,11 @@
 """Visual-token exit at a fixed LLM layer: the decoder-site baseline.
 
 After layer ``layer`` of the language model every image token leaves the sequence; text tokens
-go on alone. This is the fixed-layer exit that DyVTE (``shared/specs/dyvte.md``) learns to place
-per input, and FastV at a 100% drop ratio. ``mode="mask"`` keeps the image tokens in the sequence
-but hides them from every other query: the same result for text tokens, without the savings,
-which makes it the reference the drop path is tested against.
+go on alone. This is the fixed-layer exit that DyVTE (Wu et al., "Accelerating Multimodal
+Large Language Models via Dynamic Visual-Token Exit", NeurIPS 2025, arXiv 2411.19628) learns to
+place per input, and FastV at a 100% drop ratio. ``mode="mask"`` keeps the image tokens in the
+sequence but hides them from every other query: the same result for text tokens, without the
+savings, which makes it the reference the drop path is tested against.
 """
 
 from __future__ import annotations

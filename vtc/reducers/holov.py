@@ -1,27 +1,52 @@
-"""HoloV — holistic, crop-balanced visual token pruning at the connector (``shared/specs/holov.md``).
+"""HoloV — holistic, crop-balanced visual token pruning at the connector (Zou et al., "Don't Just
+Chase 'Highlighted Tokens' in MLLMs: Revisiting Visual Holistic Context Retention", NeurIPS 2025,
+arXiv 2510.02912; official code github.com/obananas/HoloV; see docs/ARCHITECTURE.md "HoloV").
 
 Pure tensor functions first (crops, the similarity-variance diversity, the holistic score, crop
-quotas, the selection), then the connector reducer. Per image: the visual tokens are split into
-C crops; every token scores its vision-tower CLS attention plus lambda times its crop's
-similarity variance rescaled to the attention's magnitude (``gamma_c``); crops get shares of the
-budget K in proportion to their mean score (sharpness tau); each crop keeps its best tokens.
+quotas, the selection, the code's emission order), then the connector reducer. Per image: the
+visual tokens are split into C crops; every token scores its vision-tower CLS attention plus lambda
+times its crop's similarity variance rescaled to the attention's magnitude (``gamma_c``); crops get
+shares of the budget K in proportion to their mean score (sharpness tau); each crop keeps its best
+tokens.
+
+As in the official code, the attention is multiplied by 1000 before it is scored (``ATTENTION_SCALE``),
+so the epsilon of the crop weights ``w_c = s_c / (sum s + 1e-6)`` acts on the same magnitudes as
+there (1e-9 against raw attention); the scale cancels everywhere else. Ranking by attention uses the
+raw values.
 
 Paper rules by default, departures and code variants named:
 * quotas are the paper's capped allocation: a crop asked for more tokens than it has gives the
   surplus to crops with room, in proportion to ``w_c (M_c - q_c)``, and what rounding leaves goes to
   the highest-weight crops with room, so every image keeps exactly K real tokens. The official
-  code's lost overflow and zero padding are not offered (they break "exactly K");
+  code's lost overflow and zero padding are not offered (they break "exactly K"); where no crop
+  overflows, the quotas are the code's (floor, then one each to the highest weights);
 * ``lam`` defaults to the paper's 1; ``lam=0.09`` is the LLaVA code's value;
 * ``rank=holistic`` (paper, Eq. 5) or ``rank=attention`` (code: raw CLS attention) inside a crop;
 * ``crops=bands`` (contiguous runs in raster order, as paper and code) or ``crops=blocks`` (2-D
-  tiles of the patch grid); the crop count defaults to the paper's ``floor(1024 / K)``, scaled by
-  ``N / 576`` for other token counts (``floor(1024 N / (576 K))``, at least 1);
-* the variance is the paper's off-diagonal variance (the code also counts the zeroed diagonal);
+  tiles of the patch grid); the crop count defaults to the paper's ``floor(1024 / K)`` (App. A.3),
+  scaled by ``N / 576`` for other token counts (``floor(1024 N / (576 K))``, at least 1);
+* ``variance=paper`` is the paper's off-diagonal variance; ``variance=code`` also counts the zeroed
+  diagonal (one more ``(0 - mean)^2`` term over the same ``M - 1``), as the code does. Under
+  ``rank=attention`` the variance reaches the selection only through the epsilon of ``gamma_c`` (a
+  crop's mean holistic score is ``mean a (1 + lam m / (m + eps))``, ``m`` its mean variance), which
+  still moves quotas where features are near-duplicates (``m`` within a few orders of eps), so
+  matching the code's selections needs ``variance=code``;
 * kept tokens enter the LLM in raster order (``order=raster``; LLaVA-NeXT: per view) or, with
-  ``order=code`` (LLaVA-1.5 only), as the official code feeds them: crop by crop, best first inside
-  a crop; positions follow the adapter's position rule either way;
+  ``order=code`` (LLaVA-1.5 only), as the official code emits them: crop by crop, a crop kept whole
+  in raster order, any other crop best first; positions follow the adapter's position rule either
+  way;
+* a crop of one token is scored like any other (its attention, scaled); the code scores it by its
+  raw, unscaled attention, which only happens when crops outnumber half the tokens (never with the
+  code's 16 crops of 576 tokens);
+* the cosine statistics are computed in float32 from ``x / max(|x|, eps)``; the code uses the
+  features' own dtype (half precision under LLaVA's fp16 inference) and ``x / (|x| + eps)``, and
+  breaks exact ties by ``topk``'s order where vtc takes the lower index;
 * on LLaVA-NeXT the budget is split between the base view and the high-resolution map in
   proportion to their sizes (vtc's connector rule) instead of pruning their concatenation at once.
+
+With ``crops=16, lam=0.09, rank=attention, order=code, variance=code`` (the LLaVA code's settings)
+vtc keeps the code's tokens in the code's order on every image where the code neither loses
+overflow nor pads, up to float rounding when ``w_c K`` lies within rounding error of an integer.
 """
 
 from __future__ import annotations
@@ -37,9 +62,11 @@ from vtc.reducers.base import ConnectorInfo, ConnectorReducer, Signal, Signals, 
 from vtc.state import TokenState
 
 EPS = 1e-6
+ATTENTION_SCALE = 1000.0  # the official code's factor on the CLS attention before scoring
 CROP_SHAPES = ("bands", "blocks")
 RANKS = ("holistic", "attention")
 ORDERS = ("raster", "code")
+VARIANCES = ("paper", "code")
 
 
 def default_crops(num_tokens: int, k: int) -> int:
@@ -88,9 +115,13 @@ def _by_crop(crop: torch.Tensor, crops: int) -> tuple[torch.Tensor, torch.Tensor
     return index, sizes
 
 
-def similarity_variance(x: torch.Tensor, index: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """(B, C, M) variance of each token's cosine similarities to the other tokens of its crop
-    (holov.md b.4, the paper's off-diagonal form); 0 where a crop has one token."""
+def similarity_variance(
+    x: torch.Tensor, index: torch.Tensor, sizes: torch.Tensor, diagonal: bool = False
+) -> torch.Tensor:
+    """(B, C, M) variance of each token's cosine similarities to the other tokens of its crop,
+    around their mean, divided by ``M - 1`` (the paper's off-diagonal form); with ``diagonal`` the
+    zeroed self-similarity counts too (one more ``mean^2`` term, the official code's form). 0 where
+    a crop has one token."""
     batch, crops, width = index.shape
     present = index >= 0
     z = x.gather(1, index.clamp(min=0).view(batch, -1, 1).expand(-1, -1, x.shape[-1])).float()
@@ -100,14 +131,16 @@ def similarity_variance(x: torch.Tensor, index: torch.Tensor, sizes: torch.Tenso
     others = present[..., :, None] & present[..., None, :] & ~torch.eye(width, dtype=torch.bool, device=x.device)
     denominator = (sizes - 1).clamp(min=1)[..., None].float()
     mean = (sim * others).sum(-1) / denominator
-    return (((sim - mean[..., None]) ** 2) * others).sum(-1) / denominator
+    spread = ((sim * others - mean[..., None]) ** 2) * (present[..., :, None] & present[..., None, :] if diagonal else others)
+    return spread.sum(-1) / denominator
 
 
 def crop_quotas(weight: torch.Tensor, sizes: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """(B, C) tokens each crop keeps: ``floor(w_c K)``, the remainder to the highest weights,
     then overflow (more than a crop holds) redistributed to crops with room in proportion to
     ``w_c (M_c - q_c)``, what rounding leaves filling the highest-weight crops with room
-    (holov.md b.7, paper rule). Sums to ``k`` per row when the crops hold that many tokens."""
+    (the paper's capped allocation). Sums to ``k`` per row when the crops hold that many tokens;
+    equals the official code's quotas when no crop is asked for more than it holds."""
     k = k.view(-1, 1)
     quota = torch.floor(weight * k).long()
     priority = weight.masked_fill(sizes == 0, -1.0).argsort(dim=1, descending=True, stable=True)
@@ -131,23 +164,25 @@ def crop_quotas(weight: torch.Tensor, sizes: torch.Tensor, k: torch.Tensor) -> t
 
 def holov_keep(
     x: torch.Tensor, attention: torch.Tensor, real: torch.Tensor, k: torch.Tensor, crop: torch.Tensor, crops: int,
-    lam: float = 1.0, tau: float = 1.0, rank: str = "holistic",
+    lam: float = 1.0, tau: float = 1.0, rank: str = "holistic", variance: str = "paper",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(keep, ranking)``: (B, N) bool of the tokens HoloV keeps, ``k[b]`` per row among ``real``,
     from features ``x`` (B, N, D), CLS attention (B, N) and each token's ``crop`` (B, N; -1
-    padding); and (B, N) the score that ranked each token inside its crop."""
+    padding); and (B, N) the score that ranked each token inside its crop (the holistic score in
+    units of ``ATTENTION_SCALE`` times attention, or the raw attention)."""
     index, sizes = _by_crop(crop, crops)
     present = index >= 0
-    a = attention.float().gather(1, index.clamp(min=0).view(index.shape[0], -1)).view(index.shape) * present
-    variance = similarity_variance(x, index, sizes)
+    raw = attention.float().gather(1, index.clamp(min=0).view(index.shape[0], -1)).view(index.shape) * present
+    a = raw * ATTENTION_SCALE
+    spread = similarity_variance(x, index, sizes, diagonal=variance == "code")
     count = sizes.clamp(min=1).float()
-    gamma = (a.abs().sum(-1) / count) / (variance.abs().sum(-1) / count + EPS)
-    holistic = (a + lam * gamma[..., None] * variance) * present
+    gamma = (a.abs().sum(-1) / count) / (spread.abs().sum(-1) / count + EPS)
+    holistic = (a + lam * (spread * gamma[..., None])) * present
     score = holistic.sum(-1) / count
     powered = score.clamp(min=0) ** tau * (sizes > 0)
     weight = powered / (powered.sum(dim=1, keepdim=True) + EPS)
     quota = crop_quotas(weight, sizes, k)
-    ranking = holistic if rank == "holistic" else a
+    ranking = holistic if rank == "holistic" else raw
     order = ranking.masked_fill(~present, float("-inf")).argsort(dim=-1, descending=True, stable=True)
     place = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
     chosen = (place < quota[..., None]) & present
@@ -157,6 +192,26 @@ def holov_keep(
     scores = torch.zeros(real.shape, dtype=ranking.dtype, device=real.device)
     scores[batch[present], index[present]] = ranking[present]
     return keep, scores
+
+
+def code_order(keep: torch.Tensor, ranking: torch.Tensor, crop: torch.Tensor, crops: int) -> torch.Tensor:
+    """(B, K) indices of the kept tokens in the order the official code emits them: crop by crop;
+    a crop kept whole in its own (raster) order, any other crop best first by ``ranking`` (ties to
+    the lower index). Every row must keep the same number K of tokens."""
+    batch, n = keep.shape
+    counts = keep.sum(dim=1)
+    if bool((counts != counts[0]).any()):
+        raise ValueError(f"holov: order=code needs the same number of kept tokens in every row, got {counts.tolist()}")
+    slot = crop.clamp(min=0)
+    member = crop >= 0
+    sizes = torch.zeros(batch, crops, dtype=torch.long, device=keep.device).scatter_add_(1, slot, member.long())
+    kept = torch.zeros_like(sizes).scatter_add_(1, slot, (keep & member).long())
+    whole = (kept == sizes).gather(1, slot)
+    position = torch.arange(n, device=keep.device).expand(batch, n)
+    best_first = ranking.float().masked_fill(~keep, float("-inf")).argsort(dim=1, descending=True, stable=True)
+    place = torch.empty_like(best_first).scatter_(1, best_first, position)
+    key = torch.where(keep, slot * n + torch.where(whole, position, place), crops * n + position)
+    return key.argsort(dim=1)[:, : int(counts[0])].contiguous()
 
 
 @dataclass
@@ -170,7 +225,12 @@ class HoloV(ConnectorReducer):
         lam: weight of the rescaled similarity variance (paper 1, LLaVA code 0.09).
         tau: crop-weight sharpness (1 in paper experiments and code).
         rank: ``holistic`` (paper) or ``attention`` (code) inside a crop.
-        order: ``raster`` or ``code`` (crop by crop, best first), the order tokens enter the LLM.
+        order: ``raster`` or ``code`` (crop by crop; a crop kept whole in raster order, any other
+            best first), the order tokens enter the LLM.
+        variance: ``paper`` (off-diagonal) or ``code`` (the zeroed diagonal counted too).
+
+    ``crops=16, lam=0.09, rank=attention, order=code, variance=code`` is the official LLaVA code's
+    configuration (its K is 64).
     """
 
     name: ClassVar[str] = "holov"
@@ -185,6 +245,7 @@ class HoloV(ConnectorReducer):
     tau: float = 1.0
     rank: str = "holistic"
     order: str = "raster"
+    variance: str = "paper"
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or self.k <= 0:
@@ -197,6 +258,8 @@ class HoloV(ConnectorReducer):
             raise ValueError(f"holov: rank must be one of {', '.join(RANKS)}, got {self.rank!r}")
         if self.order not in ORDERS:
             raise ValueError(f"holov: order must be one of {', '.join(ORDERS)}, got {self.order!r}")
+        if self.variance not in VARIANCES:
+            raise ValueError(f"holov: variance must be one of {', '.join(VARIANCES)}, got {self.variance!r}")
         if self.lam < 0 or self.tau <= 0:
             raise ValueError(f"holov: lam must be >= 0 and tau > 0, got lam={self.lam}, tau={self.tau}")
 
@@ -242,12 +305,10 @@ class HoloV(ConnectorReducer):
             crop = block_crops(real, state.grid, crops)
         else:
             crop = band_crops(real, crops)
-        keep, ranking = holov_keep(x, attention, real, targets, crop, crops, self.lam, self.tau, self.rank)
-        if self.order == "code":  # crop by crop, best first inside a crop
-            if bool((targets != targets[0]).any()):
-                raise ValueError("holov: order=code needs the same k for every image")
-            best_first = ranking.argsort(dim=1, descending=True, stable=True)
-            by_crop = crop.masked_fill(~keep, crops).gather(1, best_first).argsort(dim=1, stable=True)
-            return keep_tokens(state, best_first.gather(1, by_crop)[:, : int(targets[0])] + p)
+        if self.order == "code" and bool((targets != targets[0]).any()):
+            raise ValueError("holov: order=code needs the same k for every image")
+        keep, ranking = holov_keep(x, attention, real, targets, crop, crops, self.lam, self.tau, self.rank, self.variance)
+        if self.order == "code":
+            return keep_tokens(state, code_order(keep, ranking, crop, crops) + p)
         score = torch.cat([torch.ones(keep.shape[0], p, device=x.device), keep.float()], dim=1)
         return keep_top(state, score, targets)

@@ -2,10 +2,20 @@
 
 Patches are partitioned into an ``rows x cols`` grid of cells and each cell becomes one token, its
 size-weighted average (the shared merge), so sizes, origin and proportional attention work as for
-ToMe. Prefix tokens are kept. Needs the patch tokens in raster order (no earlier reduction).
+ToMe. Prefix tokens are kept. Inside an encoder it needs the patch tokens in raster order (no
+earlier reduction).
 
 On a vision-language model it acts at the connector by default (2-D average pooling of each
 image's feature grid before the projector, as in M3); ``site=encoder`` pools inside the tower.
+At the connector it composes with an encoder reducer (``needs_grid``): the adapter first lays the
+reduced tokens back on the patch grid through ``origin`` (:func:`vtc.grid.lay_on_grid`), so each
+patch position holds the token carrying it. A pooled cell is then the mean over its surviving
+positions, i.e. the size-weighted mean of the surviving tokens covering it, each weighted by the
+number of the cell's positions it covers: a merged token spanning several cells counts in each,
+once per position, so unmerging and then pooling equals pooling the unmerged grid, and the
+weights of all cells add up to the token's size. Dropped positions (pruning without fusion) are
+left out of the average; a cell whose positions were all dropped carries nothing and gives no
+token (it becomes padding, ``valid`` False), so such an image brings fewer tokens than asked.
 """
 
 from __future__ import annotations
@@ -99,14 +109,21 @@ class Pool(EncoderReducer, ConnectorReducer):
         return self._pool(state, self.output_grid(state.grid), self.prop_attn)
 
     # ----- connector site -----------------------------------------------------------------------
+    needs_grid: ClassVar[bool] = True
+
     def check_connector(self, info: ConnectorInfo) -> None:
         check_site(self, "layer" if self.layer is not None else None, at_connector=True)
         if info.grid is None:
-            raise ValueError("pool: the connector needs the visual tokens on their patch grid; an encoder reducer "
-                             "before it has already reordered them")
+            raise ValueError("pool: the connector needs the patch grid the visual tokens come from")
         if info.num_tokens is not None:
             self.target(info.num_tokens)
-            self.output_grid(info.grid)
+            cells = math.prod(self.output_grid(info.grid))
+            if cells > info.num_tokens:  # only after an encoder reducer: the grid has more patches
+                raise ValueError(
+                    f"pool: kernel={self.kernel} pools the {info.grid[0]}x{info.grid[1]} patch grid into {cells} "
+                    f"tokens, more than the {info.num_tokens} the encoder reducer leaves; use a larger kernel "
+                    f"or tokens=<count>"
+                )
 
     def target(self, num_tokens: int) -> int:
         if self.tokens is not None and self.tokens > num_tokens:
@@ -115,14 +132,18 @@ class Pool(EncoderReducer, ConnectorReducer):
         return self.tokens if self.tokens is not None else math.prod(self.output_grid((side, side)))
 
     def reduce_visual(self, state: TokenState, signals: Signals, targets: torch.Tensor) -> TokenState:
-        if state.grid is None or state.valid is not None:
-            raise ValueError("pool: the visual tokens are no longer on their patch grid (an encoder reducer ran first)")
-        if bool((targets != targets[0]).any()):
-            raise ValueError(f"pool: one grid per batch; got per-image targets {targets.tolist()}")
-        wanted = int(targets[0])
+        """Pool each row's grid; ``state`` holds one token per patch in raster order (``valid``
+        False marks dropped patches, see the module docstring). ``kernel`` pools the whole grid
+        whatever ``targets`` say; ``tokens`` needs one target for the batch."""
+        if state.grid is None:
+            raise ValueError("pool: the visual tokens are not on their patch grid; lay an encoder reducer's tokens "
+                             "back on it first (vtc.grid.lay_on_grid, as the LLaVA adapter does)")
         if self.kernel is not None:
             out_grid = self.output_grid(state.grid)
         else:
+            if bool((targets != targets[0]).any()):
+                raise ValueError(f"pool: one grid per batch; got per-image targets {targets.tolist()}")
+            wanted = int(targets[0])
             out_grid = self.output_grid(state.grid, wanted, exact=wanted == self.tokens)
         return self._pool(state, out_grid, prop_attn=False)
 
@@ -138,6 +159,9 @@ class Pool(EncoderReducer, ConnectorReducer):
             cell_col = torch.arange(cols, device=device) * out_cols // cols
         cells = (cell_row[:, None] * out_cols + cell_col[None, :]).flatten() + p
         dest = torch.cat([torch.arange(p, device=device), cells]).expand(state.x.shape[0], -1)
-        merged = merge_tokens(state, dest, p + out_rows * out_cols, prop_attn)
+        n_out = p + out_rows * out_cols
+        merged = merge_tokens(state, dest, n_out, prop_attn)  # a cell is real when any of its positions is
+        if merged.valid is not None and bool(merged.valid.all()):
+            merged = merged.replace(valid=None)
         return merged.replace(grid=(out_rows, out_cols))
 

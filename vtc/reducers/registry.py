@@ -1,4 +1,4 @@
-"""Spec strings: ``"tome:r=8"``, ``"evit:keep=0.7,layers=3;6;9"`` (DESIGN.md "Applying and removing").
+"""Spec strings: ``"tome:r=8"``, ``"evit:keep=0.7,layers=3;6;9"`` (docs/ARCHITECTURE.md "Reducers").
 
 Grammar: ``name[:option=value[,option=value...]]``. A value is an int, a float, ``true``/``false``,
 ``none``, a ``;``-separated list (``5;`` is a one-entry list), or a word. The same strings are used by the CLI.

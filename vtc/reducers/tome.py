@@ -1,18 +1,25 @@
-"""ToMe — bipartite soft token merging (spec ``shared/specs/tome.md``).
+"""ToMe — bipartite soft token merging (Bolya et al., "Token Merging: Your ViT but Faster",
+ICLR 2023, Sec. 3).
 
 Faithful to the paper/official code: keys averaged over heads as the metric, cosine similarity,
 alternating A/B split on the current order, size-weighted average merge, proportional attention
-(``log(size)`` key bias), prefix tokens protected, ToMe's output order ``[unmerged A, B]``.
+(``log(size)`` key bias), prefix tokens protected, ToMe's output order ``[unmerged A, B]``, and
+each layer merging at most half of its mergeable tokens: a per-layer ``r`` above that cap is
+lowered to it silently, as the official code does (``handle.removed_per_layer`` reports the ``r``
+each layer realised; ``strict=true`` refuses such an ``r`` instead). A layer left with nothing to
+merge passes its tokens through unchanged.
 
 Departures, all deliberate:
 * proportional attention is an additive mask to SDPA instead of an explicit softmax (same math,
-  fast attention kept); LayerScale, qk-norm and register tokens are honoured (tome.md g.1, g.2, g.13);
-  with qk-norm the metric uses the normalised keys the attention actually sees;
+  fast attention kept); LayerScale, qk-norm and register tokens are honoured (the official timm
+  patch drops LayerScale and qk-norm); with qk-norm the metric uses the normalised keys the
+  attention actually sees;
 * every prefix token (CLS, distillation, registers) is protected, not only CLS/dist;
-* exact score ties go to the lower A index (stable sort) instead of an unspecified order (g.7);
-* a per-layer ``r`` above the 50% cap raises an error unless ``clamp=True`` (the official code
-  clamps silently, tome.md g.9);
-* average and attention pooling are size-weighted (the official timm patch leaves them alone, g.5).
+* exact score ties go to the lower A index (stable sort) instead of an unspecified order;
+* without a prefix token (SigLIP, towers without CLS) the unmerged A tokens keep their index
+  order; the official code leaves them in descending-score order (it re-sorts them by index only
+  when there is a class token);
+* average and attention pooling are size-weighted (the official timm patch leaves them alone).
 """
 
 from __future__ import annotations
@@ -33,11 +40,14 @@ class ToMe(EncoderReducer):
     Args:
         r: tokens removed per layer (int), or an explicit per-layer list. Under ``schedule``
             ``linear``/``reverse-linear`` the int is the per-layer average (total ``r * L``,
-            spread as DyMU's schedules, dymu.md B.2).
+            spread as DyMU's schedules, :func:`vtc.budget.linear_total`). Each layer removes at
+            most half of its mergeable tokens (prefix excluded); a larger ``r`` is lowered to that
+            cap, and ``handle.removed_per_layer`` gives the ``r`` each layer realised.
         schedule: ``constant`` | ``linear`` (more merging early) | ``reverse-linear``.
         inflect: ToMe's ``(r, inflect)`` schedule in [-1, 1]; -1 is the paper's decreasing schedule.
         prop_attn: proportional attention (True for supervised models, False for MAE off the shelf).
-        clamp: cap ``r`` per layer at half the mergeable tokens instead of raising.
+        strict: refuse (ValueError, at apply and at run time) a per-layer ``r`` above the cap
+            instead of lowering it as the official code does.
     """
 
     name: ClassVar[str] = "tome"
@@ -47,7 +57,7 @@ class ToMe(EncoderReducer):
     schedule: str = "constant"
     inflect: float | None = None
     prop_attn: bool = True
-    clamp: bool = False
+    strict: bool = False
 
     def __post_init__(self) -> None:
         values = self.r if isinstance(self.r, (tuple, list)) else (self.r,)
@@ -78,14 +88,12 @@ class ToMe(EncoderReducer):
 
     def _checked(self, r: int, n: int, n_prefix: int, layer: int) -> int:
         cap = merge_capacity(n, n_prefix)
-        if r <= cap:
-            return r
-        if self.clamp:
-            return cap
+        if r <= cap or not self.strict:
+            return min(r, cap)
         raise ValueError(
             f"tome: layer {layer} is asked to remove r={r} tokens but only {cap} of its {n} tokens can be "
             f"merged (half of the {n - n_prefix} unprotected ones); lower r, use schedule=linear, "
-            f"or pass clamp=true to cap r per layer as the official code does"
+            f"or drop strict=true to cap r per layer as the official code does"
         )
 
     def tokens_after(self, num_tokens: int, n_prefix: int, budget: int) -> int:
@@ -93,5 +101,7 @@ class ToMe(EncoderReducer):
 
     def reduce(self, state: TokenState, signals: Signals, budget: int, layer: int) -> TokenState:
         r = self._checked(budget, state.num_tokens, state.n_prefix, layer)
+        if r == 0:  # nothing to merge (e.g. one token left without a prefix): the block skips merging
+            return state
         dest, n_out = bipartite_soft_matching(signals.key_mean, r, state.n_prefix, state.valid)
         return merge_tokens(state, dest, n_out, self.prop_attn)

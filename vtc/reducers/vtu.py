@@ -1,4 +1,4 @@
-"""VTU — virtual token unmerging at the decoder site (``shared/specs/dymu.md`` B.5).
+"""VTU — virtual token unmerging at the decoder site (DyMU paper, Wang et al., 2025, Sec. 3.2).
 
 Not a reducer of its own: it lets the LLM consume merged visual tokens (DyMU, ToMe, pool) as if
 each stood at every position it covers. Position-wise layers run once per unique token; attention
