@@ -26,7 +26,7 @@ class ShapesLlavaShape:
     vision_heads: int = 3
     patch: int = 4
     text_width: int = 128
-    text_layers: int = 2
+    text_layers: int = 6
     text_heads: int = 4
     text_mlp: int = 384
 

@@ -32,7 +32,7 @@ ZOO = {
     "shapes-vit": Entry("timm", "timm ViT (6 x 96, 4 px patches on 64 px: 256 patch tokens + CLS) reading the "
                         "printed digit of vtc.data.shapes images",
                         "python scripts/train_shapes_vit.py --out models/checkpoints/shapes-vit --overwrite"),
-    "shapes-llava": Entry("llava", "LLaVA-1.5-style VLM (CLIP 6 x 96 tower, 256 visual tokens, Llama 2 x 128 "
+    "shapes-llava": Entry("llava", "LLaVA-1.5-style VLM (CLIP 6 x 96 tower, 256 visual tokens, Llama 6 x 128 "
                           "decoder) answering vtc.data.shapes questions",
                           "python scripts/train_shapes_llava.py --out models/checkpoints/shapes-llava --overwrite"),
 }
@@ -103,13 +103,17 @@ def load(name_or_path: str | Path, device: str = "cpu") -> Checkpoint:
 
 def write_card(folder: Path, scores: Any) -> dict:
     """Write ``card.json`` from :class:`vtc.data.evaluate.Scores` of the unreduced model on the test
-    split in order: accuracy on all of it and on its first :data:`SUBSET` examples (the subset the
-    tests check)."""
-    subset = sum(scores.correct[:SUBSET]) / min(SUBSET, len(scores.truth))
+    split in order: accuracy on all of it, overall and per type with 95% Wilson intervals, and on
+    its first :data:`SUBSET` examples, whose predictions are stored so that a fresh evaluation can
+    be checked against the card example by example."""
+    subset = min(SUBSET, len(scores.truth))
     card = {
         "test_examples": len(scores.truth), "test_accuracy": round(scores.accuracy, 4),
+        "test_interval95": [round(v, 4) for v in scores.interval()],
         "test_by_type": {k: round(v, 4) for k, v in scores.by_type().items()},
-        "subset_examples": min(SUBSET, len(scores.truth)), "subset_accuracy": round(subset, 4),
+        "test_by_type_interval95": {k: [round(v, 4) for v in scores.interval(k)] for k in scores.by_type()},
+        "subset_examples": subset, "subset_accuracy": round(sum(scores.correct[:subset]) / max(1, subset), 4),
+        "subset_predictions": list(scores.predicted[:subset]),
     }
-    (Path(folder) / CARD).write_text(json.dumps(card, indent=2) + "\n")
+    (Path(folder) / CARD).write_text(json.dumps(card, indent=1) + "\n")
     return card

@@ -82,8 +82,10 @@ def test_time_stages_interleaves_configurations_and_leaves_the_model_clean(llava
     model, processor = llava
     inputs = processor(images=lm.images(2), text=lm.prompts(2), padding=True, return_tensors="pt")
     results = time_stages(model, [(), ("pool:tokens=4",)], inputs, new_tokens=3, warmup=0, repeats=1)
-    assert len(results) == 2 and all(set(r) == {"vision", "prefill", "decode"} for r in results)
-    assert all(value >= 0 for r in results for value in r.values())
+    assert len(results) == 2
+    assert all(set(r) == {"vision", "prefill", "decode", "vision_prefill_samples"} for r in results)
+    assert all(r[stage] >= 0 for r in results for stage in ("vision", "prefill", "decode"))
+    assert all(len(r["vision_prefill_samples"]) == 1 and r["vision_prefill_samples"][0] > 0 for r in results)
     assert "_vtc_handle" not in model.__dict__ and "generate" not in model.__dict__
     with vtc.apply(model, "pool:tokens=4"):
         report = profile(model, inputs, new_tokens=2, timed=False)

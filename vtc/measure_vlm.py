@@ -1,4 +1,5 @@
-"""Measurement for a LLaVA under vtc: vision, prefill and decode separately (DESIGN.md "Measurement").
+"""Measurement for a LLaVA under vtc: vision, prefill and decode separately (docs/ARCHITECTURE.md
+"Measurement").
 
 :func:`profile` runs one batch through the three stages a generation has:
 
@@ -40,9 +41,9 @@ def llm_flops(language_model: nn.Module, queries: Sequence[int], keys: Sequence[
 
 
 def vtu_llm_flops(language_model: nn.Module, unique: int, length: int, mode: str, batch: int) -> int:
-    """Analytic prefill FLOPs of the decoder layers under virtual unmerging (dymu.md B.5 (5)):
-    projections and MLP on ``unique`` rows; attention on the ``length`` virtual positions:
-    ``expand`` runs full attention (``4 T^2 d``), ``exact`` forms the dot and cross products of
+    """Analytic prefill FLOPs of the decoder layers under virtual unmerging (DyMU paper,
+    Sec. 3.2, complexity): projections and MLP on ``unique`` rows; attention on the ``length``
+    virtual positions: ``expand`` runs full attention (``4 T^2 d``), ``exact`` forms the dot and cross products of
     unique rows (``4 U^2 d``) and the grouped value product (``2 T U d``)."""
     config = language_model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -172,7 +173,9 @@ def time_stages(model: nn.Module, reducer_sets: Sequence[Sequence], inputs: dict
                 warmup: int = 1, repeats: int = 5) -> list[dict[str, float]]:
     """Median seconds of vision, prefill and decode (all ``new_tokens - 1`` steps) for each set of
     reducers, all timed in one interleaved loop (each call applies its reducers and removes them),
-    so slow drifts of the machine hit every configuration alike. ``model`` must be unpatched."""
+    so slow drifts of the machine hit every configuration alike. ``model`` must be unpatched.
+    Each result also holds ``vision_prefill_samples``: the seconds of vision + prefill in each
+    repeat (one call, repeat ``i`` of every set run back to back), for spreads of paired ratios."""
     from vtc.apply import apply
 
     def under(reducers: Sequence, call: Callable[[], object]) -> Callable[[], object]:
@@ -183,11 +186,12 @@ def time_stages(model: nn.Module, reducer_sets: Sequence[Sequence], inputs: dict
 
     per_set = [stage_calls(model, inputs, new_tokens) for _ in reducer_sets]
     fns = [under(reducers, call) for reducers, calls in zip(reducer_sets, per_set) for call in _timed(calls)]
-    medians = iter(t.median for t in time_calls(fns, warmup=warmup, repeats=repeats, device=next(model.parameters()).device))
+    timings = iter(time_calls(fns, warmup=warmup, repeats=repeats, device=next(model.parameters()).device))
     results = []
     for calls in per_set:
-        vision, prefill, _ = next(medians), next(medians), next(medians)
-        results.append(_stage_seconds(vision, prefill, calls, repeats))
+        vision, prefill, _ = next(timings), next(timings), next(timings)
+        results.append({**_stage_seconds(vision.median, prefill.median, calls, repeats),
+                        "vision_prefill_samples": list(prefill.samples)})
     return results
 
 

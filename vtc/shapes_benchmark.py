@@ -18,7 +18,11 @@ without (``dymu-novtu``).
 
 A budget of all 256 tokens keeps every token and must reproduce the unreduced model. Latency is
 timed side by side with the unreduced model (:func:`vtc.measure.compare` for the ViT, one
-interleaved loop over all configurations with :func:`vtc.measure_vlm.time_stages` for LLaVA).
+interleaved loop over all configurations with :func:`vtc.measure_vlm.time_stages` for LLaVA);
+speedups are the median of the per-repeat ratios with their interquartile range, marked ``~``
+when that range reaches 1x (the spread is larger than the effect). Every accuracy carries its 95%
+Wilson interval, and :func:`ranking` orders reducers at one budget only where an exact paired
+test on the same examples separates them.
 """
 
 from __future__ import annotations
@@ -38,14 +42,17 @@ from vtc.data import shapes
 from vtc.data.evaluate import Scores, classifier_scores, vlm_scores
 from vtc.data.training import pixels
 from vtc.measure import compare
+from vtc.stats import Spread, mcnemar_exact, speedup_spread
 
 BUDGETS = (256, 128, 64, 32, 16)
 REDUCERS = ("tome", "evit", "random", "pool", "holov")
 CONNECTOR_ONLY = ("holov",)  # run on the VLM only (a classifier has no connector)
 DYMU_PRESETS = ("low", "mid", "high")
-CSV_COLUMNS = ("model", "reducer", "budget", "spec", "visual_tokens", "visual_tokens_std", "accuracy",
-               *(f"acc_{q}" for q in shapes.QUESTION_TYPES), "agreement", "gflops_per_image", "flops_ratio",
-               "latency_ms", "speedup")
+CSV_COLUMNS = ("model", "reducer", "budget", "spec", "visual_tokens", "visual_tokens_std", "examples", "accuracy",
+               "accuracy_low", "accuracy_high",
+               *(f"acc_{q}{end}" for q in shapes.QUESTION_TYPES for end in ("", "_low", "_high")),
+               "agreement", "gflops_per_image", "flops_ratio", "latency_ms", "speedup", "speedup_q1", "speedup_q3")
+SIGNIFICANCE = 0.05  # paired test level at which ranking() calls one reducer better than another
 
 
 @dataclass
@@ -60,19 +67,27 @@ class Row:
     agreement: float  # same prediction as the unreduced model
     gflops: float  # per image: vision (+ prefill for a VLM)
     flops_ratio: float
-    latency_ms: float  # per batch of the timing inputs
-    speedup: float
+    latency_ms: float  # per batch of the timing inputs (median)
+    speedup: Spread  # of the per-repeat ratios to the unreduced model
 
     def record(self) -> dict[str, str]:
         by_type = self.scores.by_type()
+        per_type = {}
+        for q in shapes.QUESTION_TYPES:
+            low, high = self.scores.interval(q) if q in by_type else (None, None)
+            per_type.update({f"acc_{q}": f"{by_type[q]:.4f}" if q in by_type else "",
+                             f"acc_{q}_low": f"{low:.4f}" if q in by_type else "",
+                             f"acc_{q}_high": f"{high:.4f}" if q in by_type else ""})
+        low, high = self.scores.interval()
         return {
             "model": self.model, "reducer": self.reducer, "budget": str(self.budget), "spec": self.spec,
             "visual_tokens": f"{self.visual_tokens:.2f}", "visual_tokens_std": f"{self.visual_tokens_std:.2f}",
-            "accuracy": f"{self.scores.accuracy:.4f}",
-            **{f"acc_{q}": (f"{by_type[q]:.4f}" if q in by_type else "") for q in shapes.QUESTION_TYPES},
+            "examples": str(len(self.scores.truth)), "accuracy": f"{self.scores.accuracy:.4f}",
+            "accuracy_low": f"{low:.4f}", "accuracy_high": f"{high:.4f}", **per_type,
             "agreement": f"{self.agreement:.4f}", "gflops_per_image": f"{self.gflops:.5f}",
             "flops_ratio": f"{self.flops_ratio:.4f}", "latency_ms": f"{self.latency_ms:.2f}",
-            "speedup": f"{self.speedup:.3f}",
+            "speedup": f"{self.speedup.median:.3f}", "speedup_q1": f"{self.speedup.q1:.3f}",
+            "speedup_q3": f"{self.speedup.q3:.3f}",
         }
 
 
@@ -83,7 +98,7 @@ class BenchmarkOptions:
     reducers: Sequence[str] = REDUCERS
     models: Sequence[str] = ("shapes-vit", "shapes-llava")
     timing_batch: int = 16
-    repeats: int = 5
+    repeats: int = 15
     batch_size: int = 50
     progress: bool = True
     extra_specs: Sequence[str] = ()  # more spec strings, run on every model (budget column "-")
@@ -171,12 +186,12 @@ def _vit_rows(ckpt, examples, specs: list[tuple[str, int, str]], options: Benchm
         mean, std = _stats(tokens)
         rows.append(Row(ckpt.name, reducer, budget, spec, mean, std, scores, scores.agreement(full),
                         comparison.flops / 1e9, comparison.flops_ratio, comparison.latency.median * 1e3,
-                        comparison.speedup))
+                        speedup_spread(comparison.latency_reference.samples, comparison.latency.samples)))
         step()
     patches = (shapes.IMAGE_SIZE // 4) ** 2
     reference_flops = rows[0].gflops / rows[0].flops_ratio if rows else float("nan")
     baseline = Row(ckpt.name, "none", patches, "none", patches, 0.0, full, 1.0, reference_flops, 1.0,
-                   statistics.median(base_latency) * 1e3 if base_latency else float("nan"), 1.0)
+                   statistics.median(base_latency) * 1e3 if base_latency else float("nan"), Spread(1.0, 1.0, 1.0))
     return [baseline, *rows]
 
 
@@ -202,7 +217,7 @@ def _vlm_rows(ckpt, examples, specs: list[tuple[str, int, str]], options: Benchm
     full_scores, full_report = measured[0]
     batch = len(timing)
     full_flops = (full_report.vision.flops + full_report.prefill.flops) / batch
-    full_seconds = seconds[0]["vision"] + seconds[0]["prefill"]
+    full_samples = seconds[0]["vision_prefill_samples"]
     rows = []
     for (reducer, budget, spec), (scores, report), stage in zip(configs, measured, seconds):
         flops = (report.vision.flops + report.prefill.flops) / batch
@@ -210,7 +225,7 @@ def _vlm_rows(ckpt, examples, specs: list[tuple[str, int, str]], options: Benchm
         mean, std = _stats(report.visual_tokens)
         rows.append(Row(ckpt.name, reducer, budget, spec or "none", mean, std, scores,
                         scores.agreement(full_scores), flops / 1e9, flops / full_flops, latency * 1e3,
-                        full_seconds / latency))
+                        speedup_spread(full_samples, stage["vision_prefill_samples"])))
     return rows
 
 
@@ -246,22 +261,56 @@ def write_csv(rows: Sequence[Row], path: Path) -> Path:
     return write_records(path, CSV_COLUMNS, (row.record() for row in rows))
 
 
+def _with_interval(accuracy: float, interval: tuple[float, float]) -> str:
+    return f"{accuracy:.3f} ({interval[0]:.2f}-{interval[1]:.2f})"
+
+
 def format_table(rows: Sequence[Row]) -> str:
-    """One fixed-width table per model: budget, tokens, accuracy (overall and per type), agreement,
-    GFLOPs and speedup."""
+    """One fixed-width table per model: budget, tokens, accuracy with its 95% Wilson interval
+    (overall and per type), agreement, GFLOPs and speedup with its interquartile range."""
     lines = []
     for model in dict.fromkeys(r.model for r in rows):
         group = [r for r in rows if r.model == model]
         qtypes = list(group[0].scores.by_type())
-        lines.append(f"\n{model}")
-        lines.append(f"{'reducer':<8} {'budget':>6} {'tokens':>13} {'acc':>6} "
-                     + " ".join(f"{q[:8]:>8}" for q in qtypes) + f" {'agree':>6} {'GFLOPs':>8} {'FLOPs':>6} {'speedup':>7}")
+        lines.append(f"\n{model} ({len(group[0].scores.truth)} examples; accuracy (95% Wilson interval); "
+                     f"speedup median [interquartile range], ~ where the range reaches 1x)")
+        lines.append(f"{'reducer':<10} {'budget':>6} {'tokens':>11} {'accuracy':>18} "
+                     + " ".join(f"{q[:8]:>18}" for q in qtypes)
+                     + f" {'agree':>6} {'GFLOPs':>8} {'FLOPs':>6} {'speedup':>20}")
         for r in group:
             by_type = r.scores.by_type()
             tokens = f"{r.visual_tokens:.1f}" + (f"±{r.visual_tokens_std:.1f}" if r.visual_tokens_std else "")
-            lines.append(f"{r.reducer:<8} {r.budget if r.budget > 0 else '-':>6} {tokens:>13} {r.scores.accuracy:>6.3f} "
-                         + " ".join(f"{by_type[q]:>8.3f}" for q in qtypes)
-                         + f" {r.agreement:>6.3f} {r.gflops:>8.4f} {r.flops_ratio:>6.3f} {r.speedup:>6.2f}x")
+            lines.append(f"{r.reducer:<10} {r.budget if r.budget > 0 else '-':>6} {tokens:>11} "
+                         f"{_with_interval(r.scores.accuracy, r.scores.interval()):>18} "
+                         + " ".join(f"{_with_interval(by_type[q], r.scores.interval(q)):>18}" for q in qtypes)
+                         + f" {r.agreement:>6.3f} {r.gflops:>8.4f} {r.flops_ratio:>6.3f} {r.speedup.format():>20}")
+    return "\n".join(lines)
+
+
+def ranking(rows: Sequence[Row], model: str, budget: int, qtype: str | None = None) -> str:
+    """The reducers of ``model`` at ``budget`` ordered by accuracy (of ``qtype``, or overall):
+    ``a > b`` where an exact McNemar test on the same examples separates neighbours at
+    :data:`SIGNIFICANCE`, ``a ~ b`` where it does not (the order between them is then not claimed)."""
+    group = sorted((r for r in rows if r.model == model and r.budget == budget and r.reducer != "none"),
+                   key=lambda r: -sum(r.scores.correct_of(qtype)))
+    if not group:
+        return ""
+    text = f"{group[0].reducer} {sum(group[0].scores.correct_of(qtype)) / len(group[0].scores.correct_of(qtype)):.3f}"
+    for better, worse in zip(group, group[1:]):
+        p = mcnemar_exact(better.scores.correct_of(qtype), worse.scores.correct_of(qtype))
+        hits = worse.scores.correct_of(qtype)
+        text += f" {'>' if p < SIGNIFICANCE else '~'} {worse.reducer} {sum(hits) / len(hits):.3f}"
+    return text
+
+
+def format_rankings(rows: Sequence[Row], budget: int) -> str:
+    """:func:`ranking` of every model at ``budget``, overall and per question type."""
+    lines = []
+    for model in dict.fromkeys(r.model for r in rows if r.budget == budget and r.reducer != "none"):
+        qtypes = list(next(r for r in rows if r.model == model).scores.by_type())
+        lines.append(f"\n{model} at {budget} visual tokens ('>': paired exact test p < {SIGNIFICANCE}, '~': not separated)")
+        for qtype in [None, *qtypes] if len(qtypes) > 1 else [None]:
+            lines.append(f"  {qtype or 'overall':<9} {ranking(rows, model, budget, qtype)}")
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from vtc.answer import answer
 from vtc.data import shapes
 from vtc.data.training import pixels
+from vtc.stats import wilson
 
 
 @dataclass
@@ -35,9 +36,18 @@ class Scores:
     def by_type(self) -> dict[str, float]:
         out = {}
         for qtype in dict.fromkeys(self.qtypes):
-            hits = [c for c, q in zip(self.correct, self.qtypes) if q == qtype]
+            hits = self.correct_of(qtype)
             out[qtype] = sum(hits) / len(hits)
         return out
+
+    def correct_of(self, qtype: str | None = None) -> list[bool]:
+        """Per-example correctness, of one question type or of all."""
+        return [c for c, q in zip(self.correct, self.qtypes) if qtype is None or q == qtype]
+
+    def interval(self, qtype: str | None = None) -> tuple[float, float]:
+        """95% Wilson interval of the accuracy, overall or of one question type."""
+        hits = self.correct_of(qtype)
+        return wilson(sum(hits), len(hits))
 
     def agreement(self, other: "Scores") -> float:
         """Fraction of examples where both give the same prediction (fidelity to ``other``)."""

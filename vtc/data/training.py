@@ -24,23 +24,35 @@ def pixels(images: np.ndarray | Sequence[np.ndarray]) -> torch.Tensor:
 
 def patch_targets(batch: Sequence[shapes.Example], patch: int) -> dict[str, torch.Tensor]:
     """Per-patch labels from each example's object map, (N, patches) long each: ``digit`` (the
-    digit if the patch holds digit pixels, else :data:`NO_DIGIT`), ``kind`` and ``color`` (of the
-    shape covering most of the patch, 0 for none, else 1 + index). Auxiliary training targets."""
-    digit, kind, color = [], [], []
+    digit if the patch holds digit pixels, else :data:`NO_DIGIT`); for the shape covering most of
+    the patch (0 where none, else 1 + ...): ``kind`` (index in KINDS), ``color`` (index in COLORS),
+    ``cell`` (the shape's grid cell) and ``count`` (how many shapes of the scene share its colour,
+    itself included). Auxiliary training targets."""
+    names = ("digit", "kind", "color", "cell", "count")
+    out: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for ex in batch:
         n = len(ex.scene.shapes)
         g = shapes.IMAGE_SIZE // patch
         blocks = ex.objects.reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, patch * patch)
         counts = np.stack([(blocks == k).sum(1) for k in range(n + 2)], 1)  # (P, n + 2)
-        digit.append(np.where(counts[:, n + 1] > 0, ex.scene.digit, NO_DIGIT))
+        out["digit"].append(np.where(counts[:, n + 1] > 0, ex.scene.digit, NO_DIGIT))
         top = counts[:, 1:n + 1].argmax(1) if n else np.zeros(len(blocks), int)
         has = counts[:, 1:n + 1].max(1) > 0
-        kinds = np.array([1 + shapes.KINDS.index(s.kind) for s in ex.scene.shapes])
-        colors = np.array([1 + list(shapes.COLORS).index(s.color) for s in ex.scene.shapes])
-        kind.append(np.where(has, kinds[top], 0))
-        color.append(np.where(has, colors[top], 0))
-    return {name: torch.from_numpy(np.stack(v)).long() for name, v in
-            (("digit", digit), ("kind", kind), ("color", color))}
+        colors = [s.color for s in ex.scene.shapes]
+        per_shape = {
+            "kind": [1 + shapes.KINDS.index(s.kind) for s in ex.scene.shapes],
+            "color": [1 + list(shapes.COLORS).index(s.color) for s in ex.scene.shapes],
+            "cell": [1 + s.cell for s in ex.scene.shapes],
+            "count": [colors.count(s.color) for s in ex.scene.shapes],
+        }
+        for name, values in per_shape.items():
+            out[name].append(np.where(has, np.asarray(values)[top], 0))
+    return {name: torch.from_numpy(np.stack(v)).long() for name, v in out.items()}
+
+
+TARGET_CLASSES = {"digit": NO_DIGIT + 1, "kind": len(shapes.KINDS) + 1, "color": len(shapes.COLORS) + 1,
+                  "cell": shapes.GRID ** 2 + 1, "count": 7}  # a scene has at most 6 shapes
+"""Number of classes of each :func:`patch_targets` target."""
 
 
 def cosine_lr(step: int, steps: int, peak: float, warmup: int) -> float:

@@ -1,0 +1,147 @@
+"""Trainers: resumable state, the step loop, options from dataclasses, output protection."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vtc.models.shapes_llava import ShapesLlavaShape
+from vtc.train.cli import train_main
+from vtc.train.curve import plot_curve
+from vtc.train.loop import JsonLog, LoopConfig, read_log, run_loop
+from vtc.train.options import add_options, from_options
+from vtc.train.shapes_llava import ShapesLlavaRecipe, ShapesLlavaTrainer
+from vtc.train.trainer import LOG, RunOptions
+from vtc.train.state import StateMismatchError
+
+TINY = ShapesLlavaShape(vision_width=16, vision_layers=1, vision_heads=2, text_width=16, text_layers=2,
+                        text_heads=2, text_mlp=32)
+RECIPE = ShapesLlavaRecipe(tower_steps=2, tower_batch=2, vlm_steps=3, vlm_batch=2, warmup=1, per_type=1)
+OPTIONS = RunOptions(eval_every=2, eval_examples=5, save_every=100, val_examples=5, test_examples=5, threads=1)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
+    """Stop after every step (a time limit shorter than any step), resume each time, across the
+    tower -> vlm stage boundary: the final weights and the log equal one uninterrupted run."""
+    whole = ShapesLlavaTrainer(RECIPE, tmp_path / "whole", OPTIONS, TINY)
+    assert whole.run(command="whole")
+    stopped = replace(OPTIONS, max_minutes=1e-9)
+    pieces = tmp_path / "pieces"
+    assert not ShapesLlavaTrainer(RECIPE, pieces, stopped, TINY).run(command="pieces")
+    resumed_steps = []
+    for _ in range(RECIPE.steps):
+        trainer = ShapesLlavaTrainer(RECIPE, pieces, stopped, TINY)
+        if trainer.run(resume=True, command="pieces"):
+            break
+        resumed_steps.append(json.loads((pieces / "train-state" / "state.json").read_text())["step"])
+    assert resumed_steps == list(range(2, RECIPE.steps))  # one step per piece, stage boundary included
+    a, b = _weights(tmp_path / "whole"), _weights(pieces)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_log(tmp_path / "whole" / LOG) == read_log(pieces / LOG)
+    assert (pieces / "learning-curve.png").stat().st_size > 0
+
+
+def test_resume_refuses_another_architecture_or_recipe(tmp_path):
+    out = tmp_path / "run"
+    assert not ShapesLlavaTrainer(RECIPE, out, replace(OPTIONS, max_minutes=1e-9), TINY).run()
+    before = {p.name: p.read_bytes() for p in (out / "train-state").iterdir()}
+    wider = replace(TINY, text_width=32)
+    with pytest.raises(StateMismatchError, match=r"architecture differs \(text_mlp|text_width: saved 16 vs now 32"):
+        ShapesLlavaTrainer(RECIPE, out, OPTIONS, wider).run(resume=True)
+    with pytest.raises(StateMismatchError, match=r"recipe differs \(vlm_lr: saved 0.0015 vs now 0.001\)"):
+        ShapesLlavaTrainer(replace(RECIPE, vlm_lr=1e-3), out, OPTIONS, TINY).run(resume=True)
+    assert {p.name: p.read_bytes() for p in (out / "train-state").iterdir()} == before
+
+
+def test_script_refuses_to_overwrite_a_checkpoint(tmp_path, capsys):
+    def script(argv):
+        train_main("scripts/train_shapes_llava.py", "", ShapesLlavaTrainer, ShapesLlavaRecipe, argv)
+
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"precious")
+    with pytest.raises(SystemExit):
+        script(["--out", str(out), "--tower-steps", "1", "--vlm-steps", "1"])
+    assert "already holds model.safetensors; pass --resume to continue that run or --overwrite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        script(["--out", str(out), "--resume"])
+    assert "--resume: no training state in" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == b"precious"
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+
+
+def test_loop_stops_at_a_save_point_and_log_drops_unsaved_records(tmp_path):
+    saved, ran = [], []
+
+    def train_step(step):
+        ran.append(step)
+        return {"loss": float(step)}
+
+    log = JsonLog(tmp_path / "log.jsonl")
+    config = LoopConfig(steps=5, eval_every=2, save_every=2)
+    assert run_loop(config, 0, train_step, saved.append, log, evaluate=lambda s: {"acc": s / 10})
+    assert ran == [0, 1, 2, 3, 4] and saved == [2, 4, 5]
+    # a run killed after its save at 2: resuming at 2 keeps steps 0, 1 and the validation at 2
+    resumed = JsonLog(tmp_path / "log.jsonl", resume_step=2)
+    assert [(r["step"], "val" in r) for r in read_log(resumed.path)] == [(0, False), (1, False), (2, True)]
+    limited = LoopConfig(steps=5, save_every=100, max_minutes=1e-9)
+    saved.clear()
+    assert not run_loop(limited, 3, train_step, saved.append, resumed)
+    assert saved == [4]  # stopped after one step, at a save it made
+    assert plot_curve(tmp_path / "log.jsonl", tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_options_come_from_the_recipe_dataclass():
+    parser = argparse.ArgumentParser()
+    add_options(parser, ShapesLlavaRecipe)
+    add_options(parser, RunOptions)
+    args = parser.parse_args(["--vlm-steps", "7", "--vlm-lr", "0.01", "--max-minutes", "2.5"])
+    assert from_options(ShapesLlavaRecipe, args) == replace(ShapesLlavaRecipe(), vlm_steps=7, vlm_lr=0.01)
+    assert from_options(RunOptions, args).max_minutes == 2.5
+    with pytest.raises(ValueError, match="max_minutes must be > 0"):
+        LoopConfig(steps=1, max_minutes=0)
+
+
+def test_conversation_masks_prompts_and_marks_answer_positions():
+    from vtc.data import shapes
+    from vtc.models.shapes_llava import word_tokenizer
+    from vtc.train.shapes_llava import conversation
+
+    tokenizer = word_tokenizer(shapes.vocabulary())
+    example = shapes.example("train", 3)
+    ids, labels, queries = conversation(example, tokenizer, 4, np.random.default_rng(0), per_type=1)
+    assert len(ids) == len(labels) and ids.count(tokenizer.convert_tokens_to_ids("<image>")) == 4
+    first_position, word_position, _ = queries[0]
+    assert tokenizer.convert_ids_to_tokens(ids[word_position]) == example.question.removesuffix(" ?").split()[-1]
+    answer = tokenizer.convert_ids_to_tokens(ids[first_position + 1:first_position + 2])
+    assert answer == [example.answer] and labels[first_position + 1] == ids[first_position + 1]
+    assert all(label == -100 for label in labels[:first_position + 1])
+    assert tokenizer.decode([t for t in labels if t != -100]).split()[0] == example.answer
+
+
+def test_vit_trainer_resumes_bit_identically(tmp_path):
+    from vtc.train.shapes_vit import MODEL_ARGS, ShapesVitRecipe, ShapesVitTrainer
+
+    tiny = dict(MODEL_ARGS, embed_dim=16, depth=1, num_heads=2)
+    recipe = ShapesVitRecipe(steps=3, batch=4, warmup=1)
+    assert ShapesVitTrainer(recipe, tmp_path / "whole", OPTIONS, tiny).run()
+    stopped = replace(OPTIONS, max_minutes=1e-9)
+    assert not ShapesVitTrainer(recipe, tmp_path / "pieces", stopped, tiny).run()
+    while not ShapesVitTrainer(recipe, tmp_path / "pieces", stopped, tiny).run(resume=True):
+        pass
+    a, b = _weights(tmp_path / "whole"), _weights(tmp_path / "pieces")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    card = json.loads((tmp_path / "pieces" / "card.json").read_text())
+    assert card["test_examples"] == OPTIONS.test_examples

@@ -1,0 +1,45 @@
+"""Command-line options built from the trainers' dataclasses, so a script never re-declares them."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+import sys
+import types
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def _scalar_type(hint: Any) -> tuple[type, bool]:
+    """(the scalar type, whether None is allowed) of a field annotation such as ``float | None``."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        kinds = [a for a in args if a is not type(None)]
+        return kinds[0], len(kinds) < len(args)
+    return hint, False
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str] | None = None) -> None:
+    """One ``--name`` option per field of dataclass ``cls`` (underscores become dashes), typed from
+    the annotation, defaulting to the field's default."""
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(cls.__name__, (cls.__doc__ or "").strip().splitlines()[0])
+    for f in dataclasses.fields(cls):
+        kind, optional = _scalar_type(hints[f.name])
+        default = f.default
+        text = (helps or {}).get(f.name, "")
+        group.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=default,
+                           help=f"{text} (default: {default})".strip() + (" ; may be left unset" if optional else ""))
+
+
+def from_options(cls: type[T], args: argparse.Namespace) -> T:
+    """The dataclass ``cls`` from the parsed options :func:`add_options` declared."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+
+
+def command(script: str, argv: list[str] | None) -> str:
+    """The command line that ran ``script`` with ``argv`` (default: this process's arguments)."""
+    return f"python {script} " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv))

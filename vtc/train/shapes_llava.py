@@ -1,0 +1,278 @@
+"""Training recipe of the ``shapes-llava`` VLM (HF CLIP tower + projector + Llama decoder).
+
+Two stages, one resumable run (:mod:`vtc.train.loop`):
+
+1. **tower** (``tower_steps``): the CLIP tower alone learns dense per-patch targets
+   (:func:`vtc.data.training.patch_targets`: shape kind, colour, grid cell, how many shapes share
+   its colour, digit), so every visual token states what object it belongs to and where.
+2. **vlm** (``vlm_steps``): the tower is frozen; the projector and the Llama decoder learn to
+   answer. Each image carries a multi-turn conversation: its own question first (exactly the
+   single-question prompt of evaluation), then up to ``per_type`` questions of every type in a
+   random order, so one pass over the image serves about ten answers. Losses: the LLaVA answer
+   loss (next-token cross-entropy on the answers and their ``</s>``, prompts masked) plus
+   attention supervision pulling attention (mean over heads) onto the patches of the objects that
+   answer the question (:func:`vtc.data.shapes.evidence`): at the question's last word (before
+   "?") in decoder layer ``word_attention_layer``, so the retrieval is one hop from the words that
+   name what to look for, and at the answer position in layer ``attention_layer``. This stage
+   runs eager attention (it reads attention weights); the model is saved for SDPA.
+
+Every image comes from the train split in order (``step * batch + i``), every random choice from
+one numpy generator and torch's generator, both saved with the state, so a resumed run is bit for
+bit the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vtc.data import shapes
+from vtc.data.evaluate import vlm_scores
+from vtc.data.training import NO_DIGIT, TARGET_CLASSES, cosine_lr, patch_targets, pixels
+from vtc.models.shapes_llava import ShapesLlavaShape, build
+from vtc.models.zoo import write_card
+from vtc.train.trainer import RunOptions, Trainer
+BOOST = {"kind": 3.0, "color": 3.0, "cell": 3.0, "count": 3.0, "digit": 9.0}  # weight of object patches
+
+
+@dataclass(frozen=True)
+class ShapesLlavaRecipe:
+    """Everything that changes the trained weights (checked when a run resumes)."""
+
+    tower_steps: int = 600
+    tower_batch: int = 32
+    tower_lr: float = 2e-3
+    vlm_steps: int = 2400
+    vlm_batch: int = 16
+    vlm_lr: float = 1.5e-3
+    warmup: int = 100
+    per_type: int = 2  # extra questions per type and image
+    attention_weight: float = 1.0  # attention supervision at the answer position
+    attention_layer: int = -2  # ... in this decoder layer
+    word_attention_weight: float = 1.0  # attention supervision at the question's last word
+    word_attention_layer: int = 1  # ... in this decoder layer
+    weight_decay: float = 0.05
+    seed: int = 0
+
+    @property
+    def steps(self) -> int:
+        return self.tower_steps + self.vlm_steps
+
+
+def conversation(example: shapes.Example, tokenizer, image_tokens: int, rng: np.random.Generator,
+                 per_type: int) -> tuple[list[int], list[int], list[tuple[int, int, list[int]]]]:
+    """One image's multi-turn conversation, the example's own question first, then up to
+    ``per_type`` questions of every type in a random order. Returns input ids, labels (-100 on
+    prompts), and per turn (the position whose logits give the answer, the position of the
+    question's last word before "?", the objects answering it)."""
+    turns = [(example.qtype, example.question, example.answer)]
+    for qtype in rng.permutation(np.repeat(shapes.QUESTION_TYPES, per_type)):
+        qa = shapes.ask(example.scene, str(qtype), rng)
+        if qa is not None and qa[0] not in {t[1] for t in turns}:
+            turns.append((str(qtype), *qa))
+
+    def words(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    ids, labels, queries = [tokenizer.bos_token_id], [-100], []
+    question_mark = tokenizer.convert_tokens_to_ids("?")
+    for number, (qtype, question, reply) in enumerate(turns):
+        image = "<image>" * image_tokens + "\n" if number == 0 else ""
+        prompt = words(shapes.PROMPT.replace("<image>\n", image).format(question=question))
+        target = words(reply) + [tokenizer.eos_token_id]
+        last_word = len(ids) + len(prompt) - 1 - prompt[::-1].index(question_mark) - 1
+        ids += prompt
+        queries.append((len(ids) - 1, last_word, shapes.evidence(example.scene, qtype, question)))
+        ids += target
+        labels += [-100] * len(prompt) + target
+    return ids, labels, queries
+
+
+def collate(conversations, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input ids, labels and attention mask of a batch of conversations."""
+    length = max(len(ids) for ids, *_ in conversations)
+    ids = torch.full((len(conversations), length), pad_id)
+    labels = torch.full((len(conversations), length), -100)
+    mask = torch.zeros((len(conversations), length), dtype=torch.long)
+    for row, (i, l, _) in enumerate(conversations):
+        ids[row, :len(i)], labels[row, :len(l)], mask[row, :len(i)] = torch.tensor(i), torch.tensor(l), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def evidence_masks(batch, conversations, patch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(row, answer position, last-word position, patch mask) of every turn some object in the
+    image answers."""
+    rows, answers, words, masks = [], [], [], []
+    grid = shapes.IMAGE_SIZE // patch
+    for row, (example, (_, _, queries)) in enumerate(zip(batch, conversations)):
+        blocks = example.objects.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+        for answer, word, objects in queries:
+            if objects:
+                rows.append(row)
+                answers.append(answer)
+                words.append(word)
+                masks.append(np.isin(blocks, objects).any(1))
+    if not rows:
+        empty = torch.zeros(0, dtype=torch.long)
+        return empty, empty, empty, torch.zeros(0, grid * grid, dtype=torch.bool)
+    return torch.tensor(rows), torch.tensor(answers), torch.tensor(words), torch.from_numpy(np.stack(masks))
+
+
+def attention_loss(attention: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
+                   image_positions: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean ``-log`` of the attention mass (mean over heads) that the queries at ``positions`` of
+    ``rows`` put on their evidence patches. ``attention`` (B, H, T, T); ``image_positions`` (B, P)."""
+    on_image = attention[rows, :, positions].mean(1).gather(1, image_positions[rows])  # (M, P)
+    return -torch.log((on_image * masks).sum(-1) + 1e-6).mean()
+
+
+def dense_loss(heads: torch.nn.ModuleDict, patches: torch.Tensor, batch, patch: int) -> torch.Tensor:
+    """Sum over targets of the per-patch cross-entropy, object patches weighted up by :data:`BOOST`."""
+    targets = patch_targets(batch, patch)
+    total = patches.new_zeros(())
+    for name, head in heads.items():
+        target = targets[name].flatten().to(patches.device)
+        background = NO_DIGIT if name == "digit" else 0
+        weight = 1.0 + BOOST[name] * (target != background).float()
+        loss = F.cross_entropy(head(patches).flatten(0, 1), target, reduction="none")
+        total = total + (loss * weight).sum() / weight.sum()
+    return total
+
+
+class ShapesLlavaTrainer(Trainer):
+    """Builds the model, runs both stages resumably and writes the checkpoint folder."""
+
+    name = "shapes-llava"
+
+    def __init__(self, recipe: ShapesLlavaRecipe, out: Path, options: RunOptions = RunOptions(),
+                 shape: ShapesLlavaShape = ShapesLlavaShape()) -> None:
+        super().__init__(recipe, out, options)
+        self.shape = shape
+        self.model, self.processor = build(shape)
+        self.model.set_attn_implementation("eager")
+        self.model.to(self.device).train()
+        self.tower = self.model.model.vision_tower
+        self.image_tokens = (shapes.IMAGE_SIZE // shape.patch) ** 2
+        self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(shape.vision_width, TARGET_CLASSES[name])
+                                          for name in ("kind", "color", "cell", "count", "digit")}).to(self.device)
+        self.modules = torch.nn.ModuleDict({"model": self.model, "heads": self.heads})
+        tower_params = list(self.tower.parameters()) + list(self.heads.parameters())
+        tower_ids = {id(p) for p in tower_params}
+        vlm_params = [p for p in self.model.parameters() if id(p) not in tower_ids]
+        self.optimizer = torch.optim.AdamW([{"params": tower_params, "name": "tower"},
+                                            {"params": vlm_params, "name": "vlm"}],
+                                           lr=recipe.tower_lr, weight_decay=recipe.weight_decay)
+        self.tower_params, self.vlm_params = tower_params, vlm_params
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        return {"model": "shapes-llava", **asdict(self.shape)}
+
+    # ----- steps --------------------------------------------------------------------------------
+    def _set_lr(self, step: int) -> None:
+        r = self.recipe
+        tower_stage = step < r.tower_steps
+        local, total = (step, r.tower_steps) if tower_stage else (step - r.tower_steps, r.vlm_steps)
+        peak = r.tower_lr if tower_stage else r.vlm_lr
+        lr = cosine_lr(local, total, peak, warmup=min(r.warmup, max(1, total // 10)))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr if (group["name"] == "tower") == tower_stage else 0.0
+
+    def _clip_and_step(self, params: list[torch.nn.Parameter], loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        self.optimizer.step()
+
+    def tower_step(self, step: int) -> dict[str, float]:
+        r = self.recipe
+        batch = [shapes.example("train", step * r.tower_batch + i) for i in range(r.tower_batch)]
+        features = self.tower(pixels([e.image for e in batch]).to(self.device)).last_hidden_state[:, 1:]
+        loss = dense_loss(self.heads, features, batch, self.shape.patch)
+        self._clip_and_step(self.tower_params, loss)
+        return {"dense": loss.item()}
+
+    def vlm_step(self, step: int) -> dict[str, float]:
+        r = self.recipe
+        first = r.tower_steps * r.tower_batch  # the vlm stage starts on images the tower stage did not see
+        local = step - r.tower_steps
+        batch = [shapes.example("train", first + local * r.vlm_batch + i) for i in range(r.vlm_batch)]
+        tokenizer = self.processor.tokenizer
+        conversations = [conversation(e, tokenizer, self.image_tokens, self.rng, r.per_type) for e in batch]
+        inputs = {k: v.to(self.device) for k, v in collate(conversations, tokenizer.pad_token_id).items()}
+        supervised = r.attention_weight > 0 or r.word_attention_weight > 0
+        result = self.model(**inputs, pixel_values=pixels([e.image for e in batch]).to(self.device),
+                            output_attentions=supervised)
+        loss, record = result.loss, {"answer": result.loss.item()}
+        rows, answers, words, masks = (t.to(self.device) for t in evidence_masks(batch, conversations, self.shape.patch))
+        if supervised and len(rows):
+            image_positions = (inputs["input_ids"] == self.model.config.image_token_index).nonzero()[:, 1]
+            image_positions = image_positions.view(len(batch), self.image_tokens)  # every row has one image
+            for name, weight, layer, positions in (("attention", r.attention_weight, r.attention_layer, answers),
+                                                    ("word_attention", r.word_attention_weight, r.word_attention_layer, words)):
+                if weight > 0:
+                    term = attention_loss(result.attentions[layer], rows, positions, image_positions, masks)
+                    loss = loss + weight * term
+                    record[name] = term.item()
+        self._clip_and_step(self.vlm_params, loss)
+        return record
+
+    def train_step(self, step: int) -> dict[str, float]:
+        self._set_lr(step)
+        if step < self.recipe.tower_steps:
+            self.tower.train()
+            record = self.tower_step(step)
+        else:
+            self.tower.eval()
+            for p in self.tower_params:
+                p.requires_grad_(False)
+            record = self.vlm_step(step)
+        return {"lr": self.optimizer.param_groups[0 if step < self.recipe.tower_steps else 1]["lr"], **record}
+
+    # ----- validation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def dense_accuracy(self, examples: list[shapes.Example]) -> dict[str, float]:
+        """Per-target accuracy of the dense heads on object patches (digit patches for ``digit``)."""
+        self.tower.eval()
+        features = self.tower(pixels([e.image for e in examples]).to(self.device)).last_hidden_state[:, 1:]
+        targets = patch_targets(examples, self.shape.patch)
+        out = {}
+        for name, head in self.heads.items():
+            target = targets[name].to(self.device)
+            on_object = target != (NO_DIGIT if name == "digit" else 0)
+            out[name] = round((head(features).argmax(-1) == target)[on_object].float().mean().item(), 4)
+        self.tower.train()
+        return out
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        examples = shapes.examples("val", self.options.eval_examples)
+        if step <= self.recipe.tower_steps:
+            return {"dense": self.dense_accuracy(examples[:100])}
+        self.model.eval()
+        scores = vlm_scores(self.model, self.processor, examples)
+        self.model.train()
+        self.tower.eval()
+        return {"accuracy": round(scores.accuracy, 4), "by_type": {k: round(v, 4) for k, v in scores.by_type().items()}}
+
+    # ----- the checkpoint ------------------------------------------------------------------------
+    def write_checkpoint(self, command: str, minutes: float) -> dict:
+        """Model + processor for SDPA (``save_pretrained``), ``training.json``, ``card.json``."""
+        self.model.set_attn_implementation("sdpa")
+        self.model.eval()
+        self.model.save_pretrained(self.out)
+        self.processor.save_pretrained(self.out)
+        val = vlm_scores(self.model, self.processor, shapes.examples("val", self.options.val_examples))
+        r = self.recipe
+        self.record(command, minutes, val_accuracy=val.accuracy, val_by_type=val.by_type(),
+                    val_questions=self.options.val_examples,
+                    data=(f"vtc.data.shapes train split: tower stage indices 0 .. {r.tower_steps * r.tower_batch - 1}, "
+                          f"vlm stage the next {r.vlm_steps * r.vlm_batch}, all question types per image"))
+        return write_card(self.out, vlm_scores(self.model, self.processor,
+                                               shapes.examples("test", self.options.test_examples)))
+
+

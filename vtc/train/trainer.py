@@ -1,0 +1,116 @@
+"""What every vtc trainer shares: run options, resumable save/load, the run to the end or the
+time limit, and the training record. A recipe subclass supplies the model, the steps, the
+validation and the checkpoint it writes."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from vtc.data import shapes
+from vtc.train.curve import plot_curve
+from vtc.train.loop import JsonLog, LoopConfig, run_loop
+from vtc.train.output import training_output
+from vtc.train.state import TrainState, load_state, save_state
+
+STATE_DIR = "train-state"
+LOG = "training.jsonl"
+CURVE = "learning-curve.png"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What does not change the trained weights: validation, saving, time limit, device, threads."""
+
+    eval_every: int = 100  # validate after every this many steps (and after the last)
+    eval_examples: int = 250  # validation examples at each of those (types cycle)
+    save_every: int = 50  # save a resumable state after every this many steps
+    max_minutes: float | None = None  # stop at a save point after this much wall time
+    device: str = "cpu"  # cpu | cuda | cuda:N (the CPU run is the reference)
+    threads: int | None = None  # torch CPU threads (default: torch's)
+    val_examples: int = 500  # validation examples recorded in training.json at the end
+    test_examples: int = shapes.SPLITS["test"][1]  # test examples of the card at the end
+
+
+class Trainer:
+    """Subclasses set ``name``, build ``modules`` (everything trained, saved in the state),
+    ``optimizer`` and ``rng`` (the one numpy generator of the recipe), and implement
+    :meth:`train_step`, :meth:`evaluate` and :meth:`write_checkpoint`."""
+
+    name: ClassVar[str]
+    modules: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+
+    def __init__(self, recipe: Any, out: Path, options: RunOptions) -> None:
+        self.recipe, self.out, self.options = recipe, Path(out), options
+        if options.threads:
+            torch.set_num_threads(options.threads)
+        torch.manual_seed(recipe.seed)
+        self.rng = np.random.default_rng(recipe.seed)
+        self.device = torch.device(options.device)
+
+    @property
+    def architecture(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @property
+    def steps(self) -> int:
+        return self.recipe.steps
+
+    def train_step(self, step: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def write_checkpoint(self, command: str, minutes: float) -> dict:
+        raise NotImplementedError
+
+    # ----- state --------------------------------------------------------------------------------
+    def save(self, step: int, minutes: float) -> None:
+        save_state(self.out / STATE_DIR, TrainState(step, asdict(self.recipe), self.architecture, {"minutes": minutes}),
+                   self.modules, self.optimizer, self.rng)
+
+    def resume(self) -> TrainState:
+        return load_state(self.out / STATE_DIR, self.modules, self.optimizer, self.rng, asdict(self.recipe),
+                          self.architecture)
+
+    def record(self, command: str, minutes: float, **fields: Any) -> None:
+        """``training.json``: the command, recipe, architecture, time and device, plus ``fields``."""
+        (self.out / "training.json").write_text(json.dumps(dict(
+            command=command, recipe=asdict(self.recipe), architecture=self.architecture, minutes=minutes,
+            device=self.options.device, threads=self.options.threads or torch.get_num_threads(), **fields),
+            indent=2) + "\n")
+
+    # ----- the run ------------------------------------------------------------------------------
+    def run(self, resume: bool = False, overwrite: bool = False, command: str = "") -> bool:
+        """Train (or, with ``resume``, continue the run saved in ``out``) to the end or the time
+        limit, logging to ``training.jsonl`` and drawing ``learning-curve.png``; on completion
+        write the checkpoint. An ``out`` holding a checkpoint or another run is refused unless
+        ``resume`` or ``overwrite`` (:func:`vtc.train.output.training_output`). Returns True when
+        every step ran."""
+        training_output(self.out, STATE_DIR, overwrite, resume)
+        start, minutes_before = 0, 0.0
+        if resume:
+            saved = self.resume()
+            start, minutes_before = saved.step, float(saved.extra.get("minutes", 0.0))
+        log = JsonLog(self.out / LOG, resume_step=start if resume else None)
+        began = time.monotonic()
+
+        def minutes() -> float:
+            return round(minutes_before + (time.monotonic() - began) / 60, 2)
+
+        options = self.options
+        config = LoopConfig(self.steps, options.eval_every, options.save_every, options.max_minutes)
+        finished = run_loop(config, start, self.train_step, lambda step: self.save(step, minutes()), log,
+                            self.evaluate, description=self.name)
+        plot_curve(self.out / LOG, self.out / CURVE, title=self.name)
+        if finished:
+            self.write_checkpoint(command, minutes())
+        return finished
