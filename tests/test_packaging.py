@@ -17,7 +17,8 @@ def test_wheel_contains_and_imports_subpackages(tmp_path):
     (wheel,) = tmp_path.glob("vtc_vlm-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
-        assert {"vtc/__init__.py", "vtc/models/__init__.py", "vtc/kernels/__init__.py", "vtc/reducers/tome.py"} <= names
+        assert {"vtc/__init__.py", "vtc/models/__init__.py", "vtc/kernels/__init__.py", "vtc/reducers/tome.py",
+                "vtc/train/trainer.py", "vtc/grid.py", "vtc/stats.py"} <= names
         assert not any(name.startswith(("models/", "kernels/")) for name in names), "nothing generic at top level"
         for model in ("shapes-vit", "shapes-llava"):  # shipped DyMU calibrations travel with the checkpoints
             assert {f"vtc/models/checkpoints/{model}/dymu-{p}/{f}" for p in ("low", "mid", "high")
