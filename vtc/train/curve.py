@@ -30,6 +30,7 @@ def plot_curve(log_path: Path, png: Path, title: str = "", window: int = 25) -> 
     steps = [r for r in records if "val" not in r]
     vals = [r for r in records if "val" in r]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    right.set_prop_cycle(color=plt.cm.tab20.colors)  # validation series can outnumber tab10's colours
     for key in dict.fromkeys(k for r in steps for k, v in r.items() if k not in ("step", "lr") and isinstance(v, float)):
         points = [(r["step"], r[key]) for r in steps if key in r]
         left.plot([p[0] for p in points], smooth([p[1] for p in points], window), label=key)

@@ -32,10 +32,17 @@ class RunOptions:
     eval_examples: int = 250  # validation examples at each of those (types cycle)
     save_every: int = 50  # save a resumable state after every this many steps
     max_minutes: float | None = None  # stop at a save point after this much wall time
-    device: str = "cpu"  # cpu | cuda | cuda:N (the CPU run is the reference)
+    device: str = "auto"  # auto (cuda when present, else cpu) | cpu | cuda | cuda:N; the CPU run is the reference
     threads: int | None = None  # torch CPU threads (default: torch's)
     val_examples: int = 500  # validation examples recorded in training.json at the end
     test_examples: int = shapes.SPLITS["test"][1]  # test examples of the card at the end
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is present, else ``cpu``; anything else as given."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
 
 
 class Trainer:
@@ -53,7 +60,7 @@ class Trainer:
             torch.set_num_threads(options.threads)
         torch.manual_seed(recipe.seed)
         self.rng = np.random.default_rng(recipe.seed)
-        self.device = torch.device(options.device)
+        self.device = torch.device(resolve_device(options.device))
 
     @property
     def architecture(self) -> dict[str, Any]:
@@ -85,7 +92,7 @@ class Trainer:
         """``training.json``: the command, recipe, architecture, time and device, plus ``fields``."""
         (self.out / "training.json").write_text(json.dumps(dict(
             command=command, recipe=asdict(self.recipe), architecture=self.architecture, minutes=minutes,
-            device=self.options.device, threads=self.options.threads or torch.get_num_threads(), **fields),
+            device=str(self.device), threads=self.options.threads or torch.get_num_threads(), **fields),
             indent=2) + "\n")
 
     # ----- the run ------------------------------------------------------------------------------
