@@ -29,6 +29,7 @@ class ShapesLlavaShape:
     text_layers: int = 6
     text_heads: int = 4
     text_mlp: int = 384
+    tie_embeddings: bool = False  # separate answer (LM head) and question (input) word embeddings
 
 
 def word_tokenizer(words: Sequence[str]) -> Any:
@@ -62,11 +63,11 @@ def build(shape: ShapesLlavaShape = ShapesLlavaShape()) -> tuple[Any, Any]:
                        num_hidden_layers=shape.text_layers, num_attention_heads=shape.text_heads,
                        num_key_value_heads=shape.text_heads, max_position_embeddings=512,
                        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
+                       eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=shape.tie_embeddings)
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                          vision_feature_select_strategy="default", vision_feature_layer=-1,
-                         image_seq_length=(size // shape.patch) ** 2, tie_word_embeddings=True)
+                         image_seq_length=(size // shape.patch) ** 2, tie_word_embeddings=shape.tie_embeddings)
     config.vtc_shapes = asdict(shape)
     model = LlavaForConditionalGeneration(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
