@@ -12,19 +12,22 @@ import tolerance
 import vtc
 from vtc.cli import main
 from vtc.data import shapes
-from vtc.data.evaluate import classifier_scores, vlm_scores
+from vtc.data.evaluate import Scores, classifier_scores, vlm_scores
 from vtc.data.training import pixels
-from vtc.shapes_benchmark import (BUDGETS, CONNECTOR_ONLY, REDUCERS, BenchmarkOptions, Row, budget_spec,
+from vtc.shapes_benchmark import (BUDGETS, CONNECTOR_ONLY, REDUCERS, SIGNIFICANCE, BenchmarkOptions, Row, budget_spec,
                                   geometric_counts, ranking, run)
-from vtc.data.evaluate import Scores
-from vtc.stats import Spread, wilson
+from vtc.stats import Spread, mcnemar_exact, wilson
 
 HALF_BUDGET_EXAMPLES = 300
 # Reducers below random pruning at 128 of 256 tokens, with what was measured on the first 300 test
-# examples; the test checks that each stays an exception (so this list is kept true).
+# examples; the test checks that each stays below random (so this list is kept true). Every other
+# reducer must not be worse than random by an exact paired test on the same examples.
 BELOW_RANDOM = {
-    ("shapes-llava", "holov"): "holov at 128 tokens: 0.397 vs random 0.400 on the first 300 test examples (one "
-                               "question); only the digit column carries signal on this model (see BENCHMARKS.md)",
+    ("shapes-llava", "holov"): "HoloV and EViT rank tokens by the tower's CLS attention, but this tower's CLS output is "
+                               "never a training target (its dense targets are per patch and LLaVA drops CLS), so "
+                               "what it attends to is not chosen to find the answer: 0.503 vs random 0.630 (exact paired test p = 0.0001)",
+    ("shapes-llava", "evit"): "the same untrained CLS attention, EViT dropping inside the tower: 0.540 vs random "
+                              "0.630 (p = 0.002)",
     ("shapes-vit", "pool"): "pool acts after block 0 and averages pairs of 4-px patches before attention has "
                             "read the 6x10-px digit: 0.310 vs random 0.627 (random drops after blocks 1, 3, 4)",
 }
@@ -90,16 +93,15 @@ def test_a_budget_of_all_tokens_is_the_unreduced_model(reducer, shapes_vit, shap
 
 @pytest.fixture(scope="module")
 def half_budget_accuracy(shapes_vit, shapes_llava):
-    """Accuracy of every reducer at 128 of 256 visual tokens on the first test examples."""
+    """Scores of every reducer at 128 of 256 visual tokens on the first test examples."""
     batch = shapes.examples("test", HALF_BUDGET_EXAMPLES)
     out = {}
     for reducer in REDUCERS:
         if reducer not in CONNECTOR_ONLY:
             with vtc.apply(shapes_vit.model, budget_spec(reducer, 128, "timm")):
-                out["shapes-vit", reducer] = classifier_scores(shapes_vit.model, batch).accuracy
+                out["shapes-vit", reducer] = classifier_scores(shapes_vit.model, batch)
         with vtc.apply(shapes_llava.model, budget_spec(reducer, 128, "llava")):
-            out["shapes-llava", reducer] = vlm_scores(shapes_llava.model, shapes_llava.processor, batch,
-                                                      batch_size=100).accuracy
+            out["shapes-llava", reducer] = vlm_scores(shapes_llava.model, shapes_llava.processor, batch, batch_size=100)
     return out
 
 
@@ -108,11 +110,13 @@ def half_budget_accuracy(shapes_vit, shapes_llava):
 def test_half_the_tokens_keeps_at_least_random_pruning_accuracy(model, reducer, half_budget_accuracy):
     if model == "shapes-vit" and reducer in CONNECTOR_ONLY:
         pytest.skip(f"{reducer} acts at a VLM's connector; the classifier has none")
-    accuracy, random = half_budget_accuracy[model, reducer], half_budget_accuracy[model, "random"]
+    scores, random = half_budget_accuracy[model, reducer], half_budget_accuracy[model, "random"]
+    summary = {key: round(s.accuracy, 3) for key, s in half_budget_accuracy.items()}
     if (model, reducer) in BELOW_RANDOM:
-        assert accuracy < random, f"no longer an exception, update BELOW_RANDOM: {half_budget_accuracy}"
+        assert scores.accuracy < random.accuracy, f"no longer an exception, update BELOW_RANDOM: {summary}"
     else:
-        assert accuracy >= random, half_budget_accuracy
+        worse = scores.accuracy < random.accuracy and mcnemar_exact(scores.correct, random.correct) < SIGNIFICANCE
+        assert not worse, f"{model} {reducer} is significantly below random pruning: {summary}"
 
 
 @pytest.mark.parametrize("call, message", [
