@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vtc.reducers.base import Signal, Signals
+from vtc.sites import Signal, Signals
 
 
 def attend(

@@ -17,8 +17,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from vtc.flops import counted_flops
 from vtc.models.patching import InstancePatcher
-from vtc.reducers.base import EncoderInfo, EncoderReducer, Reducer, Signal, Signals, Site
+from vtc.models.zoo import CHECKPOINTS
+from vtc.sites import EncoderInfo, EncoderReducer, Reducer, Signal, Signals, Site
 from vtc.state import TokenState
 
 
@@ -50,12 +52,11 @@ class EncoderAdapter:
     """Base of the encoder adapters; subclasses implement the family-specific pieces."""
 
     family: ClassVar[str]
+    options: ClassVar[dict[str, str]] = {}  # adapter options vtc.apply takes (name -> allowed values); none
     sites: ClassVar[tuple[Site, ...]] = (Site.ENCODER,)
 
     @classmethod
-    def build(cls, model: nn.Module, reducers: dict[Site, Reducer], **options) -> "EncoderAdapter":
-        if options:
-            raise TypeError(f"a {cls.family} vision encoder takes no adapter options, got {', '.join(options)}")
+    def build(cls, model: nn.Module, reducers: dict[Site, Reducer]) -> "EncoderAdapter":
         return cls(model, reducers.get(Site.ENCODER))
 
     def __init__(self, model: nn.Module, reducer: EncoderReducer | None) -> None:
@@ -64,7 +65,8 @@ class EncoderAdapter:
         self.blocks: list[nn.Module] = list(self.find_blocks())
         for block in self.blocks:
             self.check_block(block)
-        self.info = dataclasses.replace(self.encoder_info(), model_id=checkpoint_name(self.model_id()))
+        self.info = dataclasses.replace(self.encoder_info(), model_id=checkpoint_name(self.model_id()),
+                                        shipped=CHECKPOINTS)
         self.plan: list[Any] = reducer.plan(self.info) if reducer else [None] * self.info.num_layers
         self.state: TokenState | None = None
         self.token_counts: list[int] = []
@@ -151,8 +153,6 @@ class EncoderAdapter:
     def head_flops(self, num_tokens: int) -> int:
         """FLOPs after the blocks for one image with ``num_tokens`` unit-size tokens, counted by
         ``torch.utils.flop_counter`` on a dummy input (pooling heads are small and varied)."""
-        from vtc.measure import counted_flops
-
         parameter = next(self.model.parameters())
         dummy = torch.zeros(1, num_tokens, self.stem_conv().out_channels, device=parameter.device, dtype=parameter.dtype)
         saved, self.state = self.state, None

@@ -1,4 +1,4 @@
-"""The decoder site: a :class:`~vtc.reducers.base.DecoderReducer` inside an HF decoder-only LM.
+"""The decoder site: a :class:`~vtc.sites.DecoderReducer` inside an HF decoder-only LM.
 
 After each layer the reducer names, ``select`` marks the tokens later layers keep. "drop" compacts
 every row to its kept tokens (left-padded to the longest row with padding slots), so later layers
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from vtc.models.patching import InstancePatcher
-from vtc.reducers.base import DecoderInfo, DecoderReducer
+from vtc.sites import DecoderInfo, DecoderReducer
 
 _ATTENTION = ("sdpa", "eager")  # implementations that take a 4-D mask
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from vtc.models.attention import attend, pool_attention
 from vtc.models.base import EncoderAdapter
-from vtc.reducers.base import EncoderInfo
+from vtc.sites import EncoderInfo
 
 _LAYERS = ("CLIPEncoderLayer", "SiglipEncoderLayer")
 

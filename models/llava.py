@@ -24,13 +24,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from vtc.models.decoder import DecoderSite
 from vtc.models.llava_vision import LlavaTowerAdapter, VisualPipeline, VisualTokens
 from vtc.models.patching import InstancePatcher
-from vtc.reducers.base import ConnectorInfo, Reducer, Site
-from vtc.reducers.vtu import VirtualUnmerge
-from vtc.sequence import Assembled, assemble, image_slots, padding_side, virtual_groups
+from vtc.models.vtu import VirtualMap, VirtualUnmergeSite
+from vtc.sequence import Assembled, assemble, image_slots, padding_side, repeat_covered, virtual_groups
+from vtc.sites import ConnectorInfo, Reducer, Site, UnmergingReducer
 from vtc.state import TokenState
-from vtc.vtu import repeat_covered
 
 
 def _llava_classes() -> tuple[type, ...]:
@@ -47,6 +47,7 @@ class LlavaAdapter:
     family: ClassVar[str] = "llava"
     sites: ClassVar[tuple[Site, ...]] = (Site.ENCODER, Site.CONNECTOR, Site.DECODER)
     POSITIONS: ClassVar[tuple[str, ...]] = ("contiguous", "original")
+    options: ClassVar[dict[str, str]] = {"positions": " or ".join(POSITIONS)}  # what vtc.apply(..., **options) takes
 
     @classmethod
     def accepts(cls, model: object) -> bool:
@@ -101,13 +102,9 @@ class LlavaAdapter:
                 self.tower.extra_needs[self.pipeline.signal_layer] = frozenset(connector.connector_needs)
         self._patcher = InstancePatcher()
         self.decoder = self.vtu = None
-        if isinstance(reducers.get(Site.DECODER), VirtualUnmerge):
-            from vtc.models.vtu import VirtualUnmergeSite
-
+        if isinstance(reducers.get(Site.DECODER), UnmergingReducer):
             self.vtu = VirtualUnmergeSite(self.inner.language_model, reducers[Site.DECODER].mode, self._patcher)
         elif Site.DECODER in reducers:
-            from vtc.models.decoder import DecoderSite
-
             self.decoder = DecoderSite(self.inner.language_model, reducers[Site.DECODER], self._patcher)
         self.layout: Assembled | None = None
         self.visual: VisualTokens | None = None
@@ -183,8 +180,6 @@ class LlavaAdapter:
         self.layout = assemble(embeds, input_ids, attention_mask, slots, features, anchors,
                                side=side, positions=self.positions, pad_token_id=pad)
         if self.vtu is not None:
-            from vtc.models.vtu import VirtualMap
-
             self.virtual = VirtualMap(*virtual_groups(self.layout, groups))
         return self.layout
 

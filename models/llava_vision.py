@@ -32,7 +32,7 @@ from vtc.budget import split_total
 from vtc.grid import lay_on_grid, lay_scores
 from vtc.models.anyres import AnyResLayout, anyres_layout
 from vtc.models.hf_vision import HFVisionAdapter
-from vtc.reducers.base import ConnectorReducer, EncoderReducer, Signals
+from vtc.sites import ConnectorReducer, EncoderReducer, Signals
 from vtc.state import TokenState
 
 

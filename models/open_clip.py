@@ -17,7 +17,7 @@ from torch import nn
 from vtc.merge import size_weighted_mean
 from vtc.models.attention import attend, pool_attention
 from vtc.models.base import EncoderAdapter
-from vtc.reducers.base import EncoderInfo
+from vtc.sites import EncoderInfo
 
 
 def _visual(model: object) -> nn.Module | None:

@@ -12,7 +12,7 @@ from torch import nn
 from vtc.merge import size_weighted_mean
 from vtc.models.attention import attend
 from vtc.models.base import EncoderAdapter
-from vtc.reducers.base import EncoderInfo
+from vtc.sites import EncoderInfo
 
 
 class TimmViTAdapter(EncoderAdapter):

@@ -8,7 +8,7 @@ positions and the cache positions, and ``generate`` keeps its bookkeeping. Insta
 - layer 0 compresses the hidden states to one row per unique token (group mean; exact, copies
   are identical), every layer runs its norms and MLP on those rows;
 - each attention projects Q/K/V for unique rows only, expands them to the full positions
-  (``expand``) or forms the logits from unique rows (``exact``, :func:`vtc.vtu.rope_logits`),
+  (``expand``) or forms the logits from unique rows (``exact``, :func:`vtc.reducers.dymu.unmerge.rope_logits`),
   writes full-length rotated K/V to the cache, attends with the model's mask, and averages the
   outputs of each token's copies back into its row;
 - the last layer expands its rows back to full length, so the final norm and LM head see one row
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from vtc.models.patching import InstancePatcher
-from vtc.vtu import exact_attention, expand, group_mean
+from vtc.reducers.dymu.unmerge import exact_attention, expand, group_mean
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 

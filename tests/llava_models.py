@@ -33,7 +33,7 @@ WORDS = (
 
 def build_tokenizer() -> Any:
     """WordLevel tokenizer (special tokens + ~100 words), wrapped in PreTrainedTokenizerFast."""
-    from vtc.models.shapes_llava import word_tokenizer
+    from vtc.train.shapes_llava_model import word_tokenizer
 
     return word_tokenizer(WORDS)
 

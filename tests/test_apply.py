@@ -230,7 +230,7 @@ def test_nonstandard_timm_block_is_a_type_error():
     assert "_vtc_handle" not in model.__dict__
 
 
-class ConnectorOnly(Reducer):
+class ConnectorOnly(Reducer, register=False):  # passed as an object; no spec name
     sites: ClassVar[tuple[Site, ...]] = (Site.CONNECTOR,)
     name: ClassVar[str] = "connector-only"
 

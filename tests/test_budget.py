@@ -6,7 +6,7 @@ import pytest
 
 from vtc.budget import constant_total, default_drop_layers, linear_total, per_layer, tome_inflection
 from vtc.reducers import ToMe
-from vtc.reducers.base import EncoderInfo
+from vtc.sites import EncoderInfo
 
 DECREASING_16 = [32, 29, 26, 23, 20, 17, 14, 11, 8, 5, 2, 0]
 

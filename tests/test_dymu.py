@@ -15,10 +15,11 @@ import torch
 import families as fam
 import tolerance
 import vtc
-from vtc.dymu import Calibration, _Calibrating, calibrate, load_calibration, merge_schedule, token_counts
+from vtc.dymu import Calibration, calibrate, load_calibration, merge_schedule, token_counts
+from vtc.reducers.dymu import CalibrationRecorder
 from vtc.kernels import bipartite_match
 from vtc.merge import batch_top_edges, bipartite_threshold_matching
-from vtc.reducers.base import EncoderInfo
+from vtc.sites import EncoderInfo
 
 FAMILIES = [fam.FAMILIES[name] for name in ("open_clip", "open_clip-attnpool", "hf-clip-vision", "hf-siglip-vision")]
 
@@ -231,7 +232,7 @@ def test_merge_schedule_presets_and_clamp():
 
 def test_calibrating_reducer_records_one_threshold_per_batch(timm_vit):
     model = timm_vit("plain")
-    reducer = _Calibrating(target="mid")
+    reducer = CalibrationRecorder(target="mid")
     with torch.no_grad(), vtc.apply(model, reducer):
         model(varied_images())
         model(varied_images(1))

@@ -9,7 +9,7 @@ import torch
 import tolerance
 import vtc
 from vtc.reducers import EViT
-from vtc.reducers.base import Signals
+from vtc.sites import Signals
 from vtc.state import TokenState
 
 # non-CLS tokens after blocks 3, 6, 9 of a 196-patch, 12-block model (the official code's count formula)

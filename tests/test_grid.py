@@ -12,7 +12,7 @@ import vtc
 from vtc.grid import lay_on_grid, lay_scores
 from vtc.merge import bipartite_soft_matching, keep_tokens, merge_tokens, unmerge
 from vtc.reducers import Pool
-from vtc.reducers.base import Signals
+from vtc.sites import Signals
 from vtc.state import TokenState
 
 

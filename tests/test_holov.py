@@ -240,7 +240,7 @@ CODE_OPTIONS = dict(lam=0.09, rank="attention", order="code")  # the LLaVA code'
 
 def _emitted(reducer, x, attention, k):
     """Per row, the token indices ``reducer`` keeps, in the order they leave the connector."""
-    from vtc.reducers.base import Signals
+    from vtc.sites import Signals
     from vtc.state import TokenState
 
     batch, n, _ = x.shape

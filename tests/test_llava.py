@@ -12,7 +12,7 @@ import llava_models as lm
 import tolerance
 import vtc
 from vtc.merge import keep_top
-from vtc.reducers.base import ConnectorReducer, Signal, Site
+from vtc.sites import ConnectorReducer, Signal, Site
 
 NEXT_SIZES = [(64, 32), (32, 32), (32, 64)]  # (width, height): 52, 36 and 56 placeholders
 LLAVA_SPECS = [(), ("pool:tokens=4",), ("random:tokens=5",), ("tome:r=2",), ("evit:keep=0.5",),
@@ -285,7 +285,7 @@ def test_max_length_keeps_counting_from_the_callers_prompt(llava):
 
 
 @dataclass
-class KeepByClsAttention(ConnectorReducer):
+class KeepByClsAttention(ConnectorReducer, register=False):  # passed as an object; no spec name
     """A connector reducer asking for the CLS attention at the feature layer (a FasterVLM-like test double)."""
 
     name: ClassVar[str] = "cls-keep"

@@ -17,7 +17,8 @@ import torch
 
 import families as fam  # tests/ is on pytest's pythonpath (pyproject.toml)
 import vtc
-from vtc.measure import Comparison, Fidelity, analytic_flops, compare, counted_flops, fidelity, latency, time_calls
+from vtc.flops import counted_flops
+from vtc.measure import Comparison, Fidelity, analytic_flops, compare, fidelity, latency, time_calls
 
 
 

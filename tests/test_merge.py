@@ -21,7 +21,7 @@ from vtc.merge import (
     unmerge,
 )
 from vtc.models.attention import attend
-from vtc.reducers.base import Signal
+from vtc.sites import Signal
 from vtc.state import TokenState
 
 

@@ -125,7 +125,7 @@ def test_top_level_exports():
 
 
 def test_dual_site_reducers_take_a_site_option():
-    from vtc.reducers.base import Site
+    from vtc.sites import Site
 
     pool = parse_reducer("pool:tokens=16")
     assert pool.resolve_site((Site.ENCODER, Site.CONNECTOR, Site.DECODER), "llava") is Site.CONNECTOR
@@ -139,3 +139,37 @@ def test_dual_site_reducers_take_a_site_option():
         parse_reducer("random:layers=2;,site=connector")
     with pytest.raises(ValueError, match="tome acts at the encoder site, but a llava-only model only has the connector site"):
         parse_reducer("tome:r=2").resolve_site((Site.CONNECTOR,), "llava-only")
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("tome:r=2,prop_attn=flase", r"tome: prop_attn must be true or false, got 'flase'"),
+        ("tome:strict=1", r"tome: strict must be true or false, got '1'"),
+        ("tome:r=abc", r"tome: r must be a non-negative integer \(or a ;-separated list of them\), got 'abc'"),
+        ("evit:keep=most", r"evit: keep must be a number, got 'most'"),
+        ("evit:layers=3;x", r"evit: layers must be a ;-separated list of integers or none, got '3;x'"),
+        ("holov:k=nan", r"holov: k must be an integer, got 'nan'"),
+        ("dymu:thresholds=1.5", r"dymu: thresholds are cosine similarities in \[-1, 1\]"),
+        ("dymu:thresholds=0.9;-1.2", r"dymu: thresholds are cosine similarities in \[-1, 1\]"),
+        ("random:tokens=16,keep=0.5", r"random: give one of keep or tokens, not keep and tokens"),
+        ("evit:keep=0.7,tokens=16", r"evit: give one of keep or tokens, not keep and tokens"),
+    ],
+)
+def test_values_are_read_as_their_option_type(spec, message):
+    with pytest.raises(ValueError, match=message):
+        parse_reducer(spec)
+
+
+def test_objects_with_two_exclusive_options_are_refused_at_apply():
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=3)
+    with pytest.raises(ValueError, match="random: give one of keep or tokens, not keep and tokens"):
+        vtc.apply(model, RandomDrop(tokens=4, keep=0.5))
+    with pytest.raises(TypeError, match=r"vtc.apply: foo is not an option of a timm model; its options: none"):
+        vtc.apply(model, "tome:r=1", foo=1)
+
+
+def test_the_no_op_default_says_so():
+    assert "no-op" in ToMe.__doc__ and ToMe().describe() == "tome"

@@ -7,7 +7,7 @@ import pytest
 
 from vtc.data import shapes
 from vtc.data.training import NO_DIGIT, patch_targets, pixels
-from vtc.models.shapes_llava import word_tokenizer
+from vtc.train.shapes_llava_model import word_tokenizer
 
 
 def _digest(example):

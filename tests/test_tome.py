@@ -13,7 +13,7 @@ import vtc
 from tome_reference import tome_forward
 from vtc.merge import bipartite_soft_matching, size_weighted_mean
 from vtc.reducers import ToMe
-from vtc.reducers.base import Signals
+from vtc.sites import Signals
 from vtc.state import TokenState
 
 N_PAIRS = 5

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vtc.models.shapes_llava import ShapesLlavaShape
+from vtc.train.shapes_llava_model import ShapesLlavaShape
 from vtc.train.cli import train_main
 from vtc.train.curve import plot_curve
 from vtc.train.loop import JsonLog, LoopConfig, read_log, run_loop
@@ -116,7 +116,7 @@ def test_options_come_from_the_recipe_dataclass():
 
 def test_conversation_masks_prompts_and_marks_answer_positions():
     from vtc.data import shapes
-    from vtc.models.shapes_llava import word_tokenizer
+    from vtc.train.shapes_llava_model import word_tokenizer
     from vtc.train.shapes_llava import conversation
 
     tokenizer = word_tokenizer(shapes.vocabulary())

@@ -11,7 +11,8 @@ import tolerance
 import vtc
 from vtc.models.patching import InstancePatcher
 from vtc.models.vtu import VirtualMap, VirtualUnmergeSite
-from vtc.vtu import exact_attention, expand, group_mean, rope_logits, virtual_map
+from vtc.reducers.dymu.unmerge import exact_attention, expand, group_mean, rope_logits
+from vtc.sequence import virtual_map
 
 
 def random_map(batch: int, length: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 from vtc.models import find_adapter
-from vtc.reducers.base import Reducer, Site
-from vtc.reducers.registry import parse_reducer
+from vtc.sites import Reducer, Site
+from vtc.spec import parse_reducer
+from vtc.options import check_exclusive, given_options
 from vtc.state import TokenState
 
 _HANDLE_ATTR = "_vtc_handle"
@@ -99,7 +100,15 @@ def apply(model: nn.Module, *reducers: Reducer | str, **options) -> Handle:
     if existing is not None and existing.active:
         raise ValueError("this model already has vtc reducers applied; call handle.remove() first")
     parsed = [parse_reducer(r) for r in reducers]
+    for reducer in parsed:
+        check_exclusive(type(reducer), given_options(reducer))
     adapter_cls = find_adapter(model)
+    allowed = adapter_cls.options
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        offered = ", ".join(f"{name}= ({values})" for name, values in allowed.items()) or "none"
+        raise TypeError(f"vtc.apply: {', '.join(unknown)} {'is not an option' if len(unknown) == 1 else 'are not options'} "
+                        f"of a {adapter_cls.family} model; its options: {offered}")
     by_site: dict[Site, Reducer] = {}
     for reducer in parsed:
         site = reducer.resolve_site(adapter_cls.sites, adapter_cls.family)

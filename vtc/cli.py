@@ -9,13 +9,13 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from vtc.reducers.registry import parse_reducer
+from vtc.demo import MODELS, DemoError, DemoOptions, run
+from vtc.spec import parse_reducer
 
 
 class OutputDirError(ValueError):
@@ -68,15 +68,6 @@ def prepare_output(parser: argparse.ArgumentParser, path: Path, overwrite: bool)
         print(note, file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def write_records(path: Path, columns: Sequence[str], records: Iterable[dict[str, str]]) -> Path:
-    """Write ``records`` (one dict per row) as a CSV with a header of ``columns``."""
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns))
-        writer.writeheader()
-        writer.writerows(records)
-    return path
 
 
 def add_demo_parser(commands: argparse._SubParsersAction) -> None:
@@ -132,7 +123,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from vtc.demo import MODELS, DemoError, DemoOptions, run
 
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     bad = [m for m in models if m not in MODELS]

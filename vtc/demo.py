@@ -26,7 +26,8 @@ from torch import nn
 from tqdm import tqdm
 
 import vtc
-from vtc.cli import write_records
+from vtc.records import write_records
+from vtc import shapes_benchmark as bench
 from vtc.measure import Comparison, compare
 from vtc.viz import save_groups
 
@@ -321,8 +322,6 @@ def write_csv(rows: Sequence[Row], path: Path) -> Path:
 
 def run_shapes(options: DemoOptions, echo: Callable[[str], None]) -> tuple[list, Path, Path]:
     """The shapes benchmark on the shipped checkpoints chosen in ``options.models``."""
-    from vtc import shapes_benchmark as bench
-
     models = [m for m in options.models if m in SHAPES_MODELS]
     bench_options = bench.BenchmarkOptions(
         examples=options.examples or (40 if options.quick else 500),

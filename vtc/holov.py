@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from vtc.apply import apply, run_encoder
-from vtc.reducers.base import ConnectorInfo, Signal
+from vtc.sites import ConnectorInfo, Signal
 from vtc.reducers.holov import HoloV, band_crops, block_crops, code_order, holov_keep
 
 

@@ -18,36 +18,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from vtc.apply import apply
+from vtc.flops import per_token_params
 from vtc.models.base import EncoderAdapter
-from vtc.reducers.base import Signal
-
-# CPU SDPA kernels the stock flop counter does not know; counted like the CUDA ones.
-_CPU_SDPA = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: None}
-
-
-def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query, key, value)
-
-
-def counted_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of running ``fn`` as counted by ``torch.utils.flop_counter`` (CPU SDPA included)."""
-    mapping = {op: _sdpa_flops for op in _CPU_SDPA}
-    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-        fn()
-    return counter.get_total_flops()
-
-
-def _per_token_params(module: nn.Module) -> int:
-    total = 0
-    for sub in module.modules():
-        if isinstance(sub, nn.Linear):
-            total += sub.weight.numel()
-        elif isinstance(sub, nn.MultiheadAttention) and sub.in_proj_weight is not None:
-            total += sub.in_proj_weight.numel()
-    return total
-
+from vtc.sites import Signal
 
 @dataclass
 class FlopReport:
@@ -79,8 +54,8 @@ def analytic_flops(adapter: EncoderAdapter, token_counts: Sequence[int] | None =
         n_in, n_out = token_counts[index], token_counts[index + 1]
         heads, head_dim = adapter.attention_heads(block)
         attention, mlp = adapter.branches(block)
-        flops = 2 * n_in * _per_token_params(attention) + 4 * n_in * n_in * heads * head_dim
-        flops += 2 * n_out * _per_token_params(mlp)
+        flops = 2 * n_in * per_token_params(attention) + 4 * n_in * n_in * heads * head_dim
+        flops += 2 * n_out * per_token_params(mlp)
         if adapter.plan[index] is not None:
             needs = adapter.reducer.needs
             if Signal.KEY_MEAN in needs:
@@ -186,8 +161,6 @@ def compare(model: nn.Module, reducer, images: torch.Tensor, warmup: int = 2, re
     ``forward(model, images)`` produces the output compared for fidelity (default ``model(images)``;
     pass e.g. ``lambda m, x: m.encode_image(x)`` for a CLIP model).
     """
-    from vtc.apply import apply
-
     run = forward or (lambda m, x: m(x))
     baseline = copy.deepcopy(model)
     with torch.inference_mode():

@@ -25,7 +25,9 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from vtc.measure import _per_token_params, _sync, analytic_flops, counted_flops, time_calls
+from vtc.apply import apply
+from vtc.flops import counted_flops, per_token_params
+from vtc.measure import _sync, analytic_flops, time_calls
 
 
 def llm_flops(language_model: nn.Module, queries: Sequence[int], keys: Sequence[int], batch: int) -> int:
@@ -35,7 +37,7 @@ def llm_flops(language_model: nn.Module, queries: Sequence[int], keys: Sequence[
     config = language_model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     for layer, q, k in zip(language_model.layers, queries, keys):
-        params = _per_token_params(layer.self_attn) + _per_token_params(layer.mlp)
+        params = per_token_params(layer.self_attn) + per_token_params(layer.mlp)
         total += batch * (2 * q * params + 4 * q * k * config.num_attention_heads * head_dim)
     return total
 
@@ -54,7 +56,7 @@ def vtu_llm_flops(language_model: nn.Module, unique: int, length: int, mode: str
         attention = 4 * unique * unique * heads * head_dim + 2 * length * unique * heads * head_dim
     total = 0
     for layer in language_model.layers:
-        params = _per_token_params(layer.self_attn) + _per_token_params(layer.mlp)
+        params = per_token_params(layer.self_attn) + per_token_params(layer.mlp)
         total += batch * (2 * unique * params + attention)
     return total
 
@@ -176,8 +178,6 @@ def time_stages(model: nn.Module, reducer_sets: Sequence[Sequence], inputs: dict
     so slow drifts of the machine hit every configuration alike. ``model`` must be unpatched.
     Each result also holds ``vision_prefill_samples``: the seconds of vision + prefill in each
     repeat (one call, repeat ``i`` of every set run back to back), for spreads of paired ratios."""
-    from vtc.apply import apply
-
     def under(reducers: Sequence, call: Callable[[], object]) -> Callable[[], object]:
         def run():
             with apply(model, *reducers):
@@ -240,7 +240,7 @@ def profile(model: nn.Module, inputs: dict, new_tokens: int = 8, warmup: int = 1
     per_image = analytic_flops(tower, tower.token_counts).total if tower.token_counts else 0
     images = pixel_values.shape[0] if pixel_values.dim() == 4 else sum(_tiles(adapter, image_sizes))
     projected = adapter.pipeline.projected_tokens
-    projector = _per_token_params(model.model.multi_modal_projector)
+    projector = per_token_params(model.model.multi_modal_projector)
     predicted_vision = images * per_image + 2 * projected * projector
     seconds = {"vision": 0.0, "prefill": 0.0, "decode": 0.0}
     if timed:
@@ -300,8 +300,6 @@ def answer_fidelity(reference: torch.Tensor, reduced: torch.Tensor, eos: int | S
 def compare_answers(model: nn.Module, reducers: Sequence, inputs: dict, max_new_tokens: int = 32) -> AnswerFidelity:
     """Greedy answers to processor ``inputs`` without and with ``reducers`` (applied to the
     unpatched ``model`` for the call, then removed), compared by :func:`answer_fidelity`."""
-    from vtc.apply import apply
-
     if model.__dict__.get("_vtc_handle") is not None and model.__dict__["_vtc_handle"].active:
         raise ValueError("compare_answers() applies the reducers itself; call handle.remove() first")
     settings = dict(do_sample=False, max_new_tokens=max_new_tokens)

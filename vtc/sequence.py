@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 
-from vtc.vtu import virtual_map
 
 POSITION_RULES = ("contiguous", "original")
 PADDING_SIDES = ("left", "right")
@@ -164,7 +163,7 @@ def assemble(
 def virtual_groups(layout: Assembled, groups: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The virtual map of a rebuilt sequence whose image ``i`` repeats merged tokens: ``groups[i]``
     (K_i,) gives, for each of its written tokens, the index of the first written token of the same
-    merged token. Returns ``(pi, unique)`` as :func:`vtc.vtu.virtual_map` (text and padding are
+    merged token. Returns ``(pi, unique)`` as :func:`virtual_map` (text and padding are
     their own groups)."""
     batch, length = layout.input_ids.shape
     first = torch.arange(length, device=layout.input_ids.device).repeat(batch, 1)
@@ -175,3 +174,27 @@ def virtual_groups(layout: Assembled, groups: list[torch.Tensor]) -> tuple[torch
         if where.shape[0]:
             first[where[:, 0], where[:, 1]] = where[group.to(where.device), 1]
     return virtual_map(first)
+
+def virtual_map(first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pi, unique)`` from ``first`` (B, T): for every position the position of the first copy
+    of its group (itself for a group's first copy). Unique rows are numbered in order of first
+    appearance; ``unique`` (B,) counts them per row."""
+    position = torch.arange(first.shape[1], device=first.device)
+    if bool((first > position).any()):
+        raise ValueError("virtual_map: a position's group must start at or before it")
+    leads = first == position
+    row = leads.long().cumsum(dim=1) - 1
+    return row.gather(1, first), leads.sum(dim=1)
+
+
+def repeat_covered(features: torch.Tensor, cover: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One image's tokens written at every placeholder they cover.
+
+    ``features`` (K, D) are the image's tokens, ``cover`` (P,) the token at each placeholder (-1:
+    none). Returns the repeated features (P', D) for the P' covered placeholders, those
+    placeholders' indices (P',), and for each the index (within P') of its token's first copy."""
+    kept = (cover >= 0).nonzero().squeeze(1)
+    token = cover[kept]
+    first = torch.full((features.shape[0],), kept.numel(), dtype=torch.long, device=kept.device)
+    first.scatter_reduce_(0, token, torch.arange(kept.numel(), device=kept.device), "amin")
+    return features[token], kept, first[token]

@@ -37,11 +37,14 @@ from tqdm import tqdm
 
 import vtc
 from vtc.budget import default_drop_layers
-from vtc.cli import write_records
+from vtc.records import write_records
 from vtc.data import shapes
 from vtc.data.evaluate import Scores, classifier_scores, vlm_scores
 from vtc.data.training import pixels
+from vtc.dymu import load_calibration
 from vtc.measure import compare
+from vtc.measure_vlm import profile, time_stages
+from vtc.models import zoo
 from vtc.stats import Spread, mcnemar_exact, speedup_spread
 
 BUDGETS = (256, 128, 64, 32, 16)
@@ -140,8 +143,6 @@ def budget_spec(reducer: str, budget: int, kind: str, patches: int = 256, layers
 def dymu_specs(ckpt, presets: Sequence[str]) -> list[tuple[str, int, str]]:
     """(reducer, budget, spec) of DyMU at each shipped preset of a checkpoint; the budget is the
     calibration's target. On LLaVA each preset runs with and without virtual unmerging."""
-    from vtc.dymu import load_calibration
-
     specs = []
     for preset in presets:
         target = round(load_calibration(f"{ckpt.name}/{preset}").target)
@@ -196,8 +197,6 @@ def _vit_rows(ckpt, examples, specs: list[tuple[str, int, str]], options: Benchm
 
 
 def _vlm_rows(ckpt, examples, specs: list[tuple[str, int, str]], options: BenchmarkOptions, step: Callable) -> list[Row]:
-    from vtc.measure_vlm import profile, time_stages
-
     model, processor = ckpt.model, ckpt.processor
     timing = examples[:options.timing_batch]
     saved_side, processor.tokenizer.padding_side = processor.tokenizer.padding_side, "left"
@@ -232,8 +231,6 @@ def _vlm_rows(ckpt, examples, specs: list[tuple[str, int, str]], options: Benchm
 def run(options: BenchmarkOptions) -> list[Row]:
     """Load each shipped model, run every (reducer, budget) on the first ``options.examples`` test
     examples and measure it; rows start with the unreduced model of each model."""
-    from vtc.models import zoo
-
     unknown = [b for b in options.budgets if not 1 <= b <= 256]
     if unknown:
         raise ValueError(f"budget(s) {unknown} outside 1..256 (the visual tokens of a shapes image)")

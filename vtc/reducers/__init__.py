@@ -1,17 +1,16 @@
 """Token reducers: one file per method, pure tensor functions first, then the reducer class."""
 
-from vtc.reducers.base import (
+from vtc.sites import (
     ConnectorInfo, ConnectorReducer, DecoderInfo, DecoderReducer, EncoderInfo, EncoderReducer, Reducer, Signal,
     Signals, Site,
 )
 from vtc.reducers.drop import EViT, RandomDrop
-from vtc.reducers.dymu import DyMU
+from vtc.reducers.dymu import DyMU, VirtualUnmerge
 from vtc.reducers.exit import VisualExit
 from vtc.reducers.holov import HoloV
 from vtc.reducers.pool import Pool
-from vtc.reducers.registry import REDUCERS, parse_reducer, to_spec
 from vtc.reducers.tome import ToMe
-from vtc.reducers.vtu import VirtualUnmerge
+from vtc.spec import REDUCERS, parse_reducer, to_spec
 
 __all__ = [
     "ConnectorInfo", "ConnectorReducer", "DecoderInfo", "DecoderReducer", "DyMU", "EViT", "EncoderInfo",

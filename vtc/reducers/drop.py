@@ -15,7 +15,7 @@ import torch
 
 from vtc.budget import default_drop_layers
 from vtc.merge import keep_tokens, keep_top
-from vtc.reducers.base import (
+from vtc.sites import (
     ConnectorInfo, ConnectorReducer, EncoderInfo, EncoderReducer, Signal, Signals, Site, check_layers, check_site,
 )
 from vtc.state import TokenState
@@ -23,6 +23,8 @@ from vtc.state import TokenState
 
 @dataclass
 class _DropAtLayers(EncoderReducer):
+    exclusive: ClassVar[tuple[tuple[str, ...], ...]] = (("keep", "tokens"),)
+
     keep: float = 0.7
     layers: tuple[int, ...] | None = None
     tokens: int | tuple[int, ...] | None = None
@@ -88,13 +90,17 @@ class EViT(_DropAtLayers):
     Args:
         keep: keep rate kappa in (0, 1]; ``k = ceil(kappa (N - p))`` counts a previous fused token.
         layers: drop locations (0-based); default (3, 6, 9) for 12 blocks, L/4, L/2, 3L/4 otherwise.
-        fuse: fuse inattentive tokens into one token weighted by their (unnormalised) CLS attention.
-        tokens: explicit kept count per drop layer (overrides ``keep``), as the official ``tokens``.
+        fuse: fuse inattentive tokens into one token weighted by their (unnormalised) CLS attention
+            (the paper's setting and the README recipes of the official code, whose command-line
+            default is off).
+        tokens: explicit kept count per drop layer instead of ``keep`` (give one of them), as the
+            official ``tokens``.
 
     Inference-only use on pretrained weights (EViT adds no parameters; the paper trains with it).
     Departures: CLS attention is one softmax row computed beside SDPA instead of eager attention;
     every prefix token (not only CLS) is protected (the official code prunes a DeiT distillation
-    token like a patch); ties in attentiveness are broken toward the lower index. Kept tokens are ordered by decreasing attentiveness, as in the paper.
+    token like a patch); ties in attentiveness are broken toward the lower index. Kept tokens are
+    ordered by decreasing attentiveness, as the official code's sorted top-k leaves them.
     Towers without a CLS token (SigLIP) are refused: EViT is not defined there.
     The fused token's ``size`` is the number of original tokens it absorbed, so on an average-pooled
     CLS model (not a setting the paper covers) size-weighted pooling weights it by that count.

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from vtc.reducers.base import DecoderInfo, DecoderReducer, check_layers
+from vtc.sites import DecoderInfo, DecoderReducer, check_layers
 
 _MODES = ("drop", "mask")
 

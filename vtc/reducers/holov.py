@@ -58,7 +58,7 @@ from typing import ClassVar
 import torch
 
 from vtc.merge import keep_tokens, keep_top
-from vtc.reducers.base import ConnectorInfo, ConnectorReducer, Signal, Signals, Site
+from vtc.sites import ConnectorInfo, ConnectorReducer, Signal, Signals, Site
 from vtc.state import TokenState
 
 EPS = 1e-6

@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 
 from vtc.merge import merge_tokens
-from vtc.reducers.base import (
+from vtc.sites import (
     ConnectorInfo, ConnectorReducer, EncoderInfo, EncoderReducer, Signals, Site, check_layers, check_site,
 )
 from vtc.state import TokenState

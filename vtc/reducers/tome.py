@@ -28,14 +28,16 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from vtc.budget import SCHEDULES, per_layer
+from vtc.options import expects
 from vtc.merge import bipartite_soft_matching, merge_capacity, merge_tokens
-from vtc.reducers.base import EncoderInfo, EncoderReducer, Signal, Signals
+from vtc.sites import EncoderInfo, EncoderReducer, Signal, Signals
 from vtc.state import TokenState
 
 
 @dataclass
 class ToMe(EncoderReducer):
-    """Merge ``r`` tokens per block.
+    """Merge ``r`` tokens per block. The default ``r=0`` merges nothing: plain ``tome`` is a no-op
+    (a baseline with ToMe's bookkeeping); give ``r``.
 
     Args:
         r: tokens removed per layer (int), or an explicit per-layer list. Under ``schedule``
@@ -45,6 +47,8 @@ class ToMe(EncoderReducer):
             cap, and ``handle.removed_per_layer`` gives the ``r`` each layer realised.
         schedule: ``constant`` | ``linear`` (more merging early) | ``reverse-linear``.
         inflect: ToMe's ``(r, inflect)`` schedule in [-1, 1]; -1 is the paper's decreasing schedule.
+            Only with an int ``r`` and ``schedule=constant`` (ignored otherwise); a per-layer list
+            ``r`` also ignores ``schedule``.
         prop_attn: proportional attention (True for supervised models, False for MAE off the shelf).
         strict: refuse (ValueError, at apply and at run time) a per-layer ``r`` above the cap
             instead of lowering it as the official code does.
@@ -53,7 +57,7 @@ class ToMe(EncoderReducer):
     name: ClassVar[str] = "tome"
     needs: ClassVar[frozenset[Signal]] = frozenset({Signal.KEY_MEAN})
 
-    r: int | tuple[int, ...] = 0
+    r: int | tuple[int, ...] = expects("a non-negative integer (or a ;-separated list of them)", default=0)
     schedule: str = "constant"
     inflect: float | None = None
     prop_attn: bool = True

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from vtc.data import shapes
 from vtc.data.evaluate import vlm_scores
 from vtc.data.training import NO_DIGIT, TARGET_CLASSES, cosine_lr, patch_targets, pixels
-from vtc.models.shapes_llava import ShapesLlavaShape, build
+from vtc.train.shapes_llava_model import ShapesLlavaShape, build
 from vtc.models.zoo import write_card
 from vtc.train.trainer import RunOptions, Trainer
 BOOST = {"kind": 3.0, "color": 3.0, "cell": 3.0, "count": 3.0, "digit": 9.0}  # weight of object patches

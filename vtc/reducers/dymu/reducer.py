@@ -6,7 +6,7 @@ size-weighted merge, proportional attention, prefix protected), but each block m
 token whose best edge scores strictly above the block's threshold tau_l, at most half of the
 image's mergeable tokens. Token counts follow image content, so a batch carries per-image counts
 as padding: later attention masks the padding and pooling ignores it. Thresholds come from
-:func:`vtc.dymu.calibrate`, loaded by name or folder, or are given directly; they are float64
+:func:`vtc.dymu.calibrate` (:mod:`vtc.reducers.dymu.calibration`), loaded by name or folder, or are given directly; they are float64
 and scores (float32) are compared with them exactly. A block with nothing to merge (no edge above
 tau, or one token left on a tower without CLS) passes the image through unchanged, as the
 official code does.
@@ -26,8 +26,8 @@ Departures from the official code, all deliberate:
   official thresholds were found in bf16);
 * a calibrated block merges when its schedule gives it merges (r_l > 0), whatever its threshold,
   so a threshold of exactly 1 (duplicate tokens; the official code reads 1.0 as "unset") still
-  merges what scores above it; explicit thresholds of 1 or more turn their block off; mode never
-  follows ``train()``/``eval()`` (the official blocks calibrate in train mode);
+  merges what scores above it; an explicit threshold of 1 turns its block off (above 1 is
+  refused: a cosine never exceeds 1); mode never follows ``train()``/``eval()`` (the official blocks calibrate in train mode);
 * in a LLaVA the tower runs only up to the vision feature layer, so the layers after it (the last
   CLIP-L block under layer -2) neither merge nor count.
 """
@@ -38,7 +38,9 @@ from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 from vtc.merge import bipartite_threshold_matching, merge_tokens
-from vtc.reducers.base import EncoderInfo, EncoderReducer, Reducer, Signal, Signals
+from vtc.reducers.dymu.calibration import PRESETS, find_calibration
+from vtc.reducers.dymu.unmerge import VirtualUnmerge
+from vtc.sites import EncoderInfo, EncoderReducer, Reducer, Signal, Signals
 from vtc.state import TokenState
 
 VTU_MODES = ("expand", "exact", "off")
@@ -57,11 +59,12 @@ class DyMU(EncoderReducer):
     ``preset`` says which thresholds.
 
     Args:
-        thresholds: one float for every block, or one per block (``1`` = the block never merges,
-            ``-1`` = it merges the most it can).
-        calibration: name or folder of a saved calibration (:func:`vtc.dymu.load_calibration`).
+        thresholds: one float in [-1, 1] for every block, or one per block (``1`` = the block
+            never merges, ``-1`` = it merges the most it can).
+        calibration: name or folder of a saved calibration
+            (:func:`~vtc.reducers.dymu.calibration.load_calibration`).
         preset: ``low`` | ``mid`` | ``high``: the calibration shipped for this model at that
-            preset (the paper's low / mid / high; :data:`vtc.dymu.PRESETS`).
+            preset (the paper's low / mid / high; :data:`~vtc.reducers.dymu.calibration.PRESETS`).
         cap: the optional per-image cap ``int(cap * r_l)`` merges per block, ``r_l`` being the
             calibration's per-layer average (``max_r_per_instance_ratio``); needs a calibration.
         prop_attn: proportional attention (``log(size)`` key bias), on in the paper.
@@ -81,8 +84,6 @@ class DyMU(EncoderReducer):
     vtu: str = "expand"
 
     def __post_init__(self) -> None:
-        from vtc.dymu import PRESETS
-
         given = [name for name in ("thresholds", "calibration", "preset") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(
@@ -94,6 +95,9 @@ class DyMU(EncoderReducer):
         values = self.thresholds if isinstance(self.thresholds, tuple) else (self.thresholds,)
         if self.thresholds is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             raise ValueError(f"dymu: thresholds must be numbers, got {self.thresholds!r}")
+        if self.thresholds is not None and not all(-1.0 <= v <= 1.0 for v in values):
+            raise ValueError(f"dymu: thresholds are cosine similarities in [-1, 1] (1: the block never merges), "
+                             f"got {self.thresholds!r}")
         if self.preset is not None and self.preset not in PRESETS:
             raise ValueError(f"dymu: unknown preset {self.preset!r}; allowed: {', '.join(PRESETS)}")
         if self.cap is not None and (self.cap <= 0 or self.thresholds is not None):
@@ -103,8 +107,6 @@ class DyMU(EncoderReducer):
             raise ValueError(f"dymu: vtu must be one of {', '.join(VTU_MODES)}, got {self.vtu!r}")
 
     def plan(self, info: EncoderInfo) -> list[LayerThreshold | None]:
-        from vtc.dymu import find_calibration
-
         if self.thresholds is not None:
             taus = self.thresholds if isinstance(self.thresholds, tuple) else (self.thresholds,) * info.num_layers
             if len(taus) != info.num_layers:
@@ -137,6 +139,4 @@ class DyMU(EncoderReducer):
         return merge_tokens(state, dest, n_out, self.prop_attn, real)
 
     def companions(self) -> tuple[Reducer, ...]:
-        from vtc.reducers.vtu import VirtualUnmerge
-
         return () if self.vtu == "off" else (VirtualUnmerge(mode=self.vtu),)

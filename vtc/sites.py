@@ -1,4 +1,5 @@
-"""The reducer interface (docs/ARCHITECTURE.md "Reducers"; the signals: "Adapters and apply").
+"""The site interfaces every reducer implements, and the reducer registry (docs/ARCHITECTURE.md
+"Reducers"; the signals: "Adapters and apply").
 
 A reducer knows tensors and :class:`~vtc.state.TokenState`, never a model class. There is one
 interface per site:
@@ -13,17 +14,26 @@ interface per site:
 
 A reducer that can act at several sites lists them in ``sites`` (preferred first) and may let the
 user pick one with a ``site`` option; :meth:`Reducer.resolve_site` makes the choice per model.
+
+A reducer class declares itself by its ``name``: defining the class registers it under that spec
+name in :data:`REDUCERS` (a package outside vtc adds reducers the same way, found through the
+``vtc.reducers`` entry-point group, :func:`vtc.spec.known_reducers`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
+from vtc.options import to_spec
 from vtc.state import TokenState
+
+REDUCERS: dict[str, type["Reducer"]] = {}
+"""Every declared reducer class by spec name."""
 
 
 class Site(str, Enum):
@@ -48,6 +58,7 @@ class EncoderInfo:
     has_cls: bool
     grid: tuple[int, int]
     model_id: str | None = None  # checkpoint name (hub id or folder name) when the adapter can tell
+    shipped: Path | None = None  # folder of the checkpoints vtc ships, where shipped names (DyMU presets) resolve
 
 
 @dataclass(frozen=True)
@@ -57,10 +68,26 @@ class Signals:
 
 
 class Reducer:
-    """Base of every reducer. Subclasses are dataclasses whose fields are the spec-string options."""
+    """Base of every reducer. Subclasses are dataclasses whose fields are the spec-string options
+    (:mod:`vtc.options`); a subclass defining ``name`` is registered under it."""
 
     sites: ClassVar[tuple[Site, ...]]
     name: ClassVar[str]
+    exclusive: ClassVar[tuple[tuple[str, ...], ...]] = ()  # groups of options of which one may be given
+
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
+        """Register ``cls`` under its ``name`` (``register=False``: an internal reducer, no spec name)."""
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if name is None or not register:
+            return  # an abstract base sharing code between reducers, or an internal reducer
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum() or name != name.lower():
+            raise ValueError(f"a reducer name is a lower-case word usable in a spec string, got {name!r} on {cls.__qualname__}")
+        taken = REDUCERS.get(name)
+        if taken is not None and (taken.__module__, taken.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"reducer name {name!r} of {cls.__module__}.{cls.__qualname__} is taken by "
+                             f"{taken.__module__}.{taken.__qualname__}")
+        REDUCERS[name] = cls
 
     def resolve_site(self, available: tuple[Site, ...], family: str) -> Site:
         """The site this reducer acts at on a model offering ``available`` sites: an explicit
@@ -84,8 +111,6 @@ class Reducer:
 
     def describe(self) -> str:
         """The spec string that rebuilds this reducer."""
-        from vtc.reducers.registry import to_spec
-
         return to_spec(self)
 
 
@@ -194,6 +219,15 @@ class DecoderReducer(Reducer):
         """(B, S) bool of the tokens layers after ``layer`` keep. ``hidden`` (B, S, D) is the
         layer's output, ``visual`` (B, S) marks image tokens, ``valid`` (B, S) real tokens."""
         raise NotImplementedError
+
+
+class UnmergingReducer(Reducer):
+    """A decoder-site reducer that lets the LLM consume merged visual tokens as if each stood at
+    every position it covers (virtual unmerging). The adapter hands the LLM the full-length
+    sequence and runs attention in ``mode``; subclasses are dataclasses with a ``mode`` option."""
+
+    sites: ClassVar[tuple[Site, ...]] = (Site.DECODER,)
+    mode: str
 
 
 def check_layers(layers: tuple[int, ...], num_layers: int, what: str) -> None:

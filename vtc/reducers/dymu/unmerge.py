@@ -1,39 +1,51 @@
-"""Virtual token unmerging, the tensor algebra (DyMU paper, Wang et al., 2025, Sec. 3.2). No model
-classes.
+"""VTU — virtual token unmerging at the decoder site (DyMU paper, Wang et al., 2025, Sec. 3.2).
+
+Not a reducer of its own: it lets the LLM consume merged visual tokens (DyMU, ToMe, pool) as if
+each stood at every position it covers. Position-wise layers run once per unique token; attention
+runs on the virtual full-length sequence with the original positions (RoPE); the outputs of a
+token's copies are averaged back (the one approximation). ``vtc.apply(llava, "dymu:preset=low")``
+adds it (``vtu=`` option of DyMU); ``vtc.apply(llava, "tome:r=4", "vtu")`` pairs it with another
+merger. The LLaVA adapter runs it (:mod:`vtc.models.vtu`); this module holds the option and the
+tensor algebra, no model classes.
 
 A *virtual map* ``pi`` (B, T) gives, for every position of the full-length sequence, the row of
-the unique (merged) token standing there; ``width`` is the number of unique rows (padded across
-the batch). Text tokens are their own groups; a merged visual token covers all its positions.
+the unique (merged) token standing there (:func:`vtc.sequence.virtual_map`); ``width`` is the
+number of unique rows (padded across the batch). Text tokens are their own groups; a merged
+visual token covers all its positions.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
+from vtc.sites import Site, UnmergingReducer
 
-def virtual_map(first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(pi, unique)`` from ``first`` (B, T): for every position the position of the first copy
-    of its group (itself for a group's first copy). Unique rows are numbered in order of first
-    appearance; ``unique`` (B,) counts them per row."""
-    position = torch.arange(first.shape[1], device=first.device)
-    if bool((first > position).any()):
-        raise ValueError("virtual_map: a position's group must start at or before it")
-    leads = first == position
-    row = leads.long().cumsum(dim=1) - 1
-    return row.gather(1, first), leads.sum(dim=1)
+MODES = ("expand", "exact")
 
 
-def repeat_covered(features: torch.Tensor, cover: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One image's tokens written at every placeholder they cover.
+@dataclass
+class VirtualUnmerge(UnmergingReducer):
+    """Virtual token unmerging in the LLM of a LLaVA.
 
-    ``features`` (K, D) are the image's tokens, ``cover`` (P,) the token at each placeholder (-1:
-    none). Returns the repeated features (P', D) for the P' covered placeholders, those
-    placeholders' indices (P',), and for each the index (within P') of its token's first copy."""
-    kept = (cover >= 0).nonzero().squeeze(1)
-    token = cover[kept]
-    first = torch.full((features.shape[0],), kept.numel(), dtype=torch.long, device=kept.device)
-    first.scatter_reduce_(0, token, torch.arange(kept.numel(), device=kept.device), "amin")
-    return features[token], kept, first[token]
+    Args:
+        mode: ``expand`` (official default: Q/K/V of unique tokens gathered to full length, fast
+            attention on it; O(N^2 d) attention, savings in projections and MLPs) or ``exact``
+            (the paper's Eq. 10: per-frequency dot and cross products of unique tokens, N x N
+            logits formed explicitly; O(N_un^2 d) products but O(N^2 d / 2) elementwise work and
+            N^2 memory, and no fused attention kernel).
+    """
+
+    name: ClassVar[str] = "vtu"
+    sites: ClassVar[tuple[Site, ...]] = (Site.DECODER,)
+
+    mode: str = "expand"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"vtu: mode must be one of {', '.join(MODES)}, got {self.mode!r}")
 
 
 def group_mean(x: torch.Tensor, pi: torch.Tensor, width: int) -> torch.Tensor:
