@@ -16,6 +16,8 @@ demo: $(STAMP)
 	$(BIN)/vtc demo
 
 test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 clean:

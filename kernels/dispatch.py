@@ -43,8 +43,9 @@ def triton_available() -> bool:
 
 def interpreting() -> bool:
     """Whether Triton kernels run in Triton's CPU interpreter in this process."""
-    from vtc.kernels.matching_triton import best_match_kernel
     from triton.runtime.interpreter import InterpretedFunction
+
+    from vtc.kernels.matching_triton import best_match_kernel
 
     return isinstance(best_match_kernel, InterpretedFunction)
 

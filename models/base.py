@@ -56,7 +56,7 @@ class EncoderAdapter:
     sites: ClassVar[tuple[Site, ...]] = (Site.ENCODER,)
 
     @classmethod
-    def build(cls, model: nn.Module, reducers: dict[Site, Reducer]) -> "EncoderAdapter":
+    def build(cls, model: nn.Module, reducers: dict[Site, Reducer]) -> EncoderAdapter:
         return cls(model, reducers.get(Site.ENCODER))
 
     def __init__(self, model: nn.Module, reducer: EncoderReducer | None) -> None:
@@ -145,6 +145,22 @@ class EncoderAdapter:
         conv = self.stem_conv()
         rows, cols = self.info.grid
         return 2 * rows * cols * conv.weight.numel()
+
+    def encode_pixels(self, pixels: torch.Tensor) -> TokenState:
+        """Run the patched encoder on ``pixels`` the way its library does; the state after its
+        last block."""
+        model = self.model
+        if hasattr(model, "encode_image"):
+            model.encode_image(pixels)
+        elif hasattr(model, "get_image_features"):
+            model.get_image_features(pixel_values=pixels)
+        elif type(model).__module__.startswith("transformers."):
+            model(pixel_values=pixels)
+        else:
+            model(pixels)
+        if self.state is None:
+            raise RuntimeError(f"the {self.family} encoder ran no patched block on these pixels")
+        return self.state
 
     def run_head(self, tokens: torch.Tensor) -> torch.Tensor:
         """What the model does after its blocks (final norm excluded where it is per token)."""

@@ -29,7 +29,7 @@ from vtc.models.llava_vision import LlavaTowerAdapter, VisualPipeline, VisualTok
 from vtc.models.patching import InstancePatcher
 from vtc.models.vtu import VirtualMap, VirtualUnmergeSite
 from vtc.sequence import Assembled, assemble, image_slots, padding_side, repeat_covered, virtual_groups
-from vtc.sites import ConnectorInfo, Reducer, Site, UnmergingReducer
+from vtc.sites import ConnectorInfo, EncoderInfo, Reducer, Site, UnmergingReducer
 from vtc.state import TokenState
 
 
@@ -54,7 +54,7 @@ class LlavaAdapter:
         return isinstance(model, _llava_classes())
 
     @classmethod
-    def build(cls, model: nn.Module, reducers: dict[Site, Reducer], positions: str = "contiguous") -> "LlavaAdapter":
+    def build(cls, model: nn.Module, reducers: dict[Site, Reducer], positions: str = "contiguous") -> LlavaAdapter:
         return cls(model, reducers, positions)
 
     def __init__(self, model: nn.Module, reducers: dict[Site, Reducer], positions: str = "contiguous") -> None:
@@ -114,6 +114,18 @@ class LlavaAdapter:
     @property
     def state(self) -> TokenState | None:
         """The encoder site's state after the last run block (tiles for LLaVA-NeXT)."""
+        return self.tower.state
+
+    @property
+    def info(self) -> EncoderInfo:
+        """The encoder site's (the tower's) info."""
+        return self.tower.info
+
+    def encode_pixels(self, pixels: torch.Tensor) -> TokenState:
+        """Run the tower up to the vision feature layer on ``pixels``; the state after its last run block."""
+        self.tower.encode(pixels, [self.tower.num_run])
+        if self.tower.state is None:
+            raise RuntimeError("the LLaVA tower ran no patched block on these pixels")
         return self.tower.state
 
     @property

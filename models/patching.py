@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+
 class _Missing:
     """Marks an attribute that did not exist before patching; survives ``copy.deepcopy``."""
 
-    def __deepcopy__(self, memo: dict) -> "_Missing":
+    def __deepcopy__(self, memo: dict) -> _Missing:
         return self
 
 

@@ -98,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.randn(batch, n, channels, generator=generator).to(device, dtype)
         size = (torch.rand(batch, n, generator=generator) + 0.5).to(device)
         r = int(n * args.r_fraction)
-        calls = {"tome": lambda: tome_step(x, size, r)}
+        calls = {"tome": lambda x=x, size=size, r=r: tome_step(x, size, r)}
 
-        def with_backend(name):
+        def with_backend(name, x=x, size=size, r=r):
             def run():
                 with use_backend(name):
                     return vtc_step(x, size, r)

@@ -4,7 +4,8 @@
 The visual-token count K (default 576, 288, 144, 64, 16) is set at the connector by each of
 ``--reducers`` (default ``pool``: ``pool:tokens=K``; ``holov``: ``holov:k=K``; ``random``), all in
 one interleaved loop beside the unreduced model (the first row); HoloV and random also run at
-K=576 when asked (their own overhead shows there). The connector (2-D average pooling of the 24x24 CLIP grid; 576 runs with no reducer). For each K the
+K=576 when asked (their own overhead shows there). Pooling averages the 24x24 CLIP grid at the
+connector (2-D average pooling); K=576 runs with no reducer. For each K the
 script counts FLOPs per stage with :func:`vtc.measure_vlm.profile` (``torch.utils.flop_counter``
 beside the analytic count), then times vision, prefill and decode for every K in one interleaved
 loop (:func:`vtc.measure_vlm.time_stages`) and reports them relative to K=576.

@@ -14,9 +14,8 @@ from types import SimpleNamespace
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
-
 import tolerance  # noqa: E402
+import torch  # noqa: E402
 
 # The models are tiny: one intra-op thread is fastest, and on a shared 2-core machine OpenMP
 # threads spinning against other processes made the suite ~10x slower. VTC_TEST_THREADS=N runs

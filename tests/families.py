@@ -19,10 +19,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import tolerance  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-import tolerance  # noqa: E402
 import vtc  # noqa: E402
 
 WIDTH, HEADS, LAYERS, IMAGE, PATCH = 64, 4, 4, 32, 4

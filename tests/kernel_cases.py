@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 
 import pytest
+import tolerance
 import torch
 
-import tolerance
 from vtc.kernels import bipartite_match, bipartite_match_reference, merge_weighted, merge_weighted_reference, use_backend
 from vtc.kernels.dispatch import interpreting
 from vtc.merge import bipartite_threshold_matching

@@ -8,10 +8,10 @@ from typing import ClassVar
 
 import pytest
 import timm
+import tolerance
 import torch
 from timm.models.vision_transformer import Block
 
-import tolerance
 import vtc
 from vtc.reducers import Reducer, Site, ToMe
 

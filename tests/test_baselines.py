@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import tolerance
 import torch
 
-import tolerance
 import vtc
 from vtc.reducers import Pool, RandomDrop
 

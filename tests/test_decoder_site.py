@@ -9,10 +9,9 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 import pytest
+import tolerance
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
-
-import tolerance
 
 from vtc.models.decoder import DecoderSite, compact_index, layer_mask
 from vtc.models.patching import InstancePatcher

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import json
 
+import families as fam
 import pytest
+import tolerance
 import torch
 
-import families as fam
-import tolerance
 import vtc
 from vtc.dymu import Calibration, calibrate, load_calibration, merge_schedule, token_counts
-from vtc.reducers.dymu import CalibrationRecorder
 from vtc.kernels import bipartite_match
 from vtc.merge import batch_top_edges, bipartite_threshold_matching
+from vtc.reducers.dymu import CalibrationRecorder
 from vtc.sites import EncoderInfo
 
 FAMILIES = [fam.FAMILIES[name] for name in ("open_clip", "open_clip-attnpool", "hf-clip-vision", "hf-siglip-vision")]

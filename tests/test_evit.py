@@ -4,9 +4,9 @@ states: token counts, top-k selection, fusion, ties, gradients, explicit counts,
 from __future__ import annotations
 
 import pytest
+import tolerance
 import torch
 
-import tolerance
 import vtc
 from vtc.reducers import EViT
 from vtc.sites import Signals
@@ -180,9 +180,9 @@ def test_model_keeps_topk_in_order_and_fuses_the_rest(timm_vit, tools):
 
 
 def test_tokens_override(timm_vit, tools):
-    """Explicit kept counts per drop layer, regardless of keep."""
+    """Explicit kept counts per drop layer instead of keep (giving both is refused: test_registry)."""
     model = timm_vit("plain")
-    with torch.no_grad(), vtc.apply(model, "evit:keep=0.1,tokens=40;20;10") as handle:
+    with torch.no_grad(), vtc.apply(model, "evit:tokens=40;20;10") as handle:
         model(tools.images(2))
         assert handle.token_counts == handle.planned_token_counts() == [65, 65, 42, 22, 12]
     with torch.no_grad(), vtc.apply(model, "evit:tokens=30,fuse=false") as handle:

@@ -5,10 +5,9 @@ Models come from families.py."""
 
 from __future__ import annotations
 
+import families as fam  # tests/ is on pytest's pythonpath (pyproject.toml)
 import pytest
 import torch
-
-import families as fam  # tests/ is on pytest's pythonpath (pyproject.toml)
 
 FAMILIES = [fam.FAMILIES[name] for name in (*fam.OPEN_CLIP, *fam.HF)]
 CASES = [pytest.param(f, spec, id=f"{f.name}-{spec}") for f in FAMILIES for spec in fam.reducers_for(f)]

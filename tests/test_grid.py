@@ -3,11 +3,11 @@ patch grid through ``origin`` (``vtc.grid``) before ``Pool`` averages its window
 
 from __future__ import annotations
 
+import llava_models as lm
 import pytest
+import tolerance
 import torch
 
-import llava_models as lm
-import tolerance
 import vtc
 from vtc.grid import lay_on_grid, lay_scores
 from vtc.merge import bipartite_soft_matching, keep_tokens, merge_tokens, unmerge
@@ -179,10 +179,10 @@ def test_llava_identity_encoder_reducer_then_pool_is_plain_pooling(llava):
     with torch.no_grad():
         with vtc.apply(model, "pool:tokens=4") as handle:
             plain = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-            features = handle.visual.features
+            features = handle.adapter.visual.features
         with vtc.apply(model, "tome:r=0", "pool:tokens=4") as handle:
             assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False), plain)
-            assert all(torch.equal(a, b) for a, b in zip(handle.visual.features, features))
+            assert all(torch.equal(a, b) for a, b in zip(handle.adapter.visual.features, features))
 
 
 def test_llava_pool_asking_for_more_tokens_than_the_encoder_leaves_is_refused(llava):

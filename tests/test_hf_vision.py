@@ -3,13 +3,12 @@
 
 from __future__ import annotations
 
+import families as fam  # tests/ is on pytest's pythonpath (pyproject.toml)
 import pytest
+import tolerance
 import torch
 
-import families as fam  # tests/ is on pytest's pythonpath (pyproject.toml)
-import tolerance
 import vtc
-
 
 FAMILIES = [fam.FAMILIES[name] for name in fam.HF]
 

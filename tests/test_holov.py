@@ -6,9 +6,9 @@ the bare-tower path, bad input, and parity with the official code's selection
 from __future__ import annotations
 
 import pytest
+import tolerance
 import torch
 
-import tolerance
 import vtc
 from vtc.reducers.holov import _by_crop, band_crops, block_crops, crop_quotas, default_crops, holov_keep, similarity_variance
 

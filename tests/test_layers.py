@@ -6,7 +6,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from layers import SOURCES, modules, violations
 
 ROOT = Path(__file__).resolve().parents[1]

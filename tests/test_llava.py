@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import llava_models as lm
 import pytest
+import tolerance
 import torch
 
-import llava_models as lm
-import tolerance
 import vtc
 from vtc.merge import keep_top
 from vtc.sites import ConnectorReducer, Signal, Site
@@ -112,7 +112,7 @@ def test_llava_reports_the_tokens_the_llm_saw(llava, spec, expected):
     with vtc.apply(model, spec) as handle:
         _generate(model, inputs, n=2)
         assert handle.visual_tokens == [expected, expected]
-        assert int(handle.layout.visual.sum()) == 2 * expected  # what the LLM input actually holds
+        assert int(handle.adapter.layout.visual.sum()) == 2 * expected  # what the LLM input actually holds
     placeholders = int((inputs["input_ids"] == model.config.image_token_id).sum())
     assert placeholders == 2 * 16
 
@@ -123,7 +123,7 @@ def test_next_budget_is_per_image_and_keeps_the_newline_layout(llava_next):
     newline = model.model.image_newline
     with vtc.apply(model, "random:tokens=10") as handle:
         _generate(model, inputs, n=1)
-        for features in handle.visual.features:
+        for features in handle.adapter.visual.features:
             is_newline = (features == newline.to(features.dtype)).all(dim=1)
             assert int((~is_newline).sum()) == 10
             assert bool(is_newline[-1])  # the last map row still ends with a newline
@@ -143,7 +143,7 @@ def test_decoder_drop_matches_masking_and_shortens_the_cache(llava):
             cache = out.past_key_values if hasattr(out, "past_key_values") else out.cache
             results[mode] = (out.sequences, torch.stack(out.logits), [cache.layers[i].keys.shape[2] for i in range(4)],
                              handle.decoder_token_counts)
-            layout = handle.layout
+            layout = handle.adapter.layout
     drop, mask = results["drop"], results["mask"]
     assert torch.equal(drop[0], mask[0])
     tolerance.assert_close(drop[1], mask[1], terms=lm.llava_terms(model, drop[0].shape[1]))
@@ -194,7 +194,7 @@ def test_original_positions_continue_after_the_full_prompt(llava):
     assert torch.equal(same, _generate(model, inputs))  # nothing removed: the two rules agree
     with vtc.apply(model, "pool:tokens=4", positions="original") as handle:
         _generate(model, inputs, n=1)
-        layout = handle.layout
+        layout = handle.adapter.layout
         full_length = inputs["attention_mask"].sum(dim=1)
         assert torch.equal(layout.position_ids.max(dim=1).values, full_length - 1)
         image_positions = layout.position_ids[layout.visual].view(2, 4)
@@ -210,7 +210,7 @@ def test_labels_follow_the_rebuilt_sequence(llava):
         reference = model(**inputs, labels=labels).loss
         with vtc.apply(model, "pool:tokens=4") as handle:
             out = model(**inputs, labels=labels)
-            assert out.logits.shape[1] == handle.layout.input_ids.shape[1] < inputs["input_ids"].shape[1]
+            assert out.logits.shape[1] == handle.adapter.layout.input_ids.shape[1] < inputs["input_ids"].shape[1]
     assert torch.isfinite(out.loss) and not torch.isclose(out.loss, reference)
     with torch.no_grad(), vtc.apply(model):
         terms = lm.llava_terms(model, inputs["input_ids"].shape[1]) + model.config.text_config.vocab_size  # + log-softmax
@@ -332,7 +332,7 @@ def test_connector_gets_cls_attention_at_the_feature_layer(llava, llava_next):
         _generate(model, inputs, n=1)
         assert all(signal.shape[0] == 1 and bool((signal > 0).all()) for signal in reducer.seen)
         newline = model.model.image_newline
-        kept = [int((~(f == newline).all(dim=1)).sum()) for f in handle.visual.features]
+        kept = [int((~(f == newline).all(dim=1)).sum()) for f in handle.adapter.visual.features]
         assert kept == [6, 6]
 
 
@@ -383,8 +383,8 @@ def test_right_padded_inputs_generate_as_left_padded(llava):
         assert torch.equal(_generate(model, right), _generate(model, left))  # generate always re-pads left
         with torch.no_grad():
             logits = model(**right).logits
-        assert handle.layout.attention_mask[:, 0].all()  # forward keeps the caller's (right) padding
-        ends = handle.layout.attention_mask.sum(dim=1) - 1
+        assert handle.adapter.layout.attention_mask[:, 0].all()  # forward keeps the caller's (right) padding
+        ends = handle.adapter.layout.attention_mask.sum(dim=1) - 1
         with torch.no_grad():
             left_last = model(**left).logits[:, -1]
         tolerance.assert_close(logits[torch.arange(2), ends], left_last, terms=lm.llava_terms(model, left["input_ids"].shape[1]))

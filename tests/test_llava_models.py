@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import llava_models as lm
 import pytest
 import torch
-
-import llava_models as lm
 
 NEXT_SIZES = [(32, 32), (64, 32), (32, 64), (64, 20)]  # (width, height)
 NEXT_TOKENS = {(32, 32): 36, (64, 32): 52, (32, 64): 56, (64, 20): 34, (48, 20): 52}

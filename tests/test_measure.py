@@ -12,15 +12,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import families as fam  # tests/ is on pytest's pythonpath (pyproject.toml)
 import pytest
 import torch
 
-import families as fam  # tests/ is on pytest's pythonpath (pyproject.toml)
 import vtc
 from vtc.flops import counted_flops
 from vtc.measure import Comparison, Fidelity, analytic_flops, compare, fidelity, latency, time_calls
-
-
 
 TIMM_KWARGS = dict(img_size=fam.IMAGE, patch_size=fam.PATCH, embed_dim=fam.WIDTH, depth=fam.LAYERS,
                    num_heads=fam.HEADS, num_classes=10)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import llava_models as lm
 import pytest
 import torch
 
-import llava_models as lm
 import vtc
 from vtc.measure_vlm import answer_fidelity, profile
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import math
 
 import pytest
+import tolerance
 import torch
 
-import tolerance
 from vtc.kernels import bipartite_match, merge_weighted
 from vtc.merge import (
     bipartite_soft_matching,

@@ -6,13 +6,12 @@ attentional pooler (which receives the log(size) key bias)."""
 
 from __future__ import annotations
 
+import families as fam  # tests/ is on pytest's pythonpath (pyproject.toml)
 import pytest
+import tolerance
 import torch
 
-import families as fam  # tests/ is on pytest's pythonpath (pyproject.toml)
-import tolerance
 import vtc
-
 
 FAMILIES = [fam.FAMILIES[name] for name in fam.OPEN_CLIP]
 

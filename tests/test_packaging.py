@@ -27,12 +27,12 @@ def test_wheel_contains_and_imports_subpackages(tmp_path):
     site = tmp_path / "site"
     probe = (
         "import vtc, vtc.models, vtc.kernels, timm, torch\n"
-        "assert vtc.models.__file__.startswith(%r), vtc.models.__file__\n"
-        "assert vtc.kernels.__file__.startswith(%r), vtc.kernels.__file__\n"
+        f"assert vtc.models.__file__.startswith({str(site)!r}), vtc.models.__file__\n"
+        f"assert vtc.kernels.__file__.startswith({str(site)!r}), vtc.kernels.__file__\n"
         "m = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=8, depth=2, num_classes=3)\n"
         "with vtc.apply(m, 'tome:r=2') as h:\n"
         "    m(torch.randn(1, 3, 32, 32))\n"
         "assert h.token_counts == [17, 15, 13], h.token_counts\n"
-    ) % (str(site), str(site))
+    )
     env = {**os.environ, "PYTHONPATH": str(site)}
     subprocess.run([sys.executable, "-c", probe], check=True, cwd=tmp_path, env=env)

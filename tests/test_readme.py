@@ -1,4 +1,4 @@
-"""Every python example in README.md runs, as written, offline.
+"""Every python example in README.md and the method notes (docs/methods/) runs, as written, offline.
 
 The examples load hub checkpoints by name (``timm.create_model(..., pretrained=True)``,
 ``from_pretrained("llava-hf/...")``). Here those names resolve to tiny stand-ins with the same
@@ -13,12 +13,13 @@ from __future__ import annotations
 import pathlib
 import re
 
+import llava_models as lm
 import pytest
 import torch
 
-import llava_models as lm
-
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs" / "methods").glob("*.md"))]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 # timm name -> create_model overrides: the real depth, patch and image size, a tiny width
@@ -33,6 +34,7 @@ def python_blocks(text: str) -> list[tuple[int, str]]:
 
 
 BLOCKS = python_blocks(README.read_text())
+EXAMPLES = [(doc, line, code) for doc in DOCS for line, code in python_blocks(doc.read_text())]
 
 
 def test_the_readme_has_its_examples():
@@ -78,6 +80,8 @@ class StandIns:
         create_model = timm.create_model
 
         def tiny_create_model(name, pretrained=False, **kwargs):
+            if name.startswith("local-dir:"):  # shipped checkpoints (models/checkpoints) load as they are
+                return create_model(name, pretrained=pretrained, **kwargs)
             if name not in TIMM_STAND_INS:
                 raise AssertionError(f"a README example creates timm model {name!r}; give it a stand-in in TIMM_STAND_INS")
             if pretrained:
@@ -104,15 +108,23 @@ def stand_ins(tmp_path_factory) -> StandIns:
     return StandIns(tmp_path_factory.mktemp("readme"))
 
 
-@pytest.mark.parametrize(("line", "code"), BLOCKS, ids=[f"README.md:{line}" for line, _ in BLOCKS])
-def test_readme_example_runs(line, code, stand_ins, monkeypatch, tmp_path, capsys):
+def test_every_method_note_has_an_example():
+    notes = [doc for doc in DOCS if doc.parent.name == "methods" and doc.name != "README.md"]
+    assert len(notes) >= 7 and all(any(d == doc for d, _, _ in EXAMPLES) for doc in notes)
+
+
+@pytest.mark.parametrize(("doc", "line", "code"), EXAMPLES,
+                         ids=[f"{doc.relative_to(ROOT)}:{line}" for doc, line, _ in EXAMPLES])
+def test_readme_example_runs(doc, line, code, stand_ins, monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(tmp_path)  # examples may write (calibration folders)
     stand_ins.install(monkeypatch)
-    program = compile("\n" * (line - 1) + code, str(README), "exec")  # tracebacks point at README lines
+    program = compile("\n" * (line - 1) + code, str(doc), "exec")  # tracebacks point at the document's lines
     namespace = {"__name__": "__readme__"}
     with torch.random.fork_rng(devices=[]):
         exec(program, namespace)
     printed = capsys.readouterr().out
+    if doc != README:
+        return
     if "print(handle.token_counts)" in code:  # the counts the README prints: 197 tokens, 13 merged in each of 12 blocks
         assert printed.startswith("[197, 184, ") and "41]" in printed.splitlines()[0]
     if "print(handle.visual_tokens)" in code:

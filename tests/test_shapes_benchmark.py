@@ -3,19 +3,29 @@ half the tokens at least as accurate as random pruning, clear errors, and `vtc d
 
 import csv
 
+import llava_models
 import pytest
+import tolerance
 import torch
 from PIL import Image
 
-import llava_models
-import tolerance
 import vtc
 from vtc.cli import main
 from vtc.data import shapes
 from vtc.data.evaluate import Scores, classifier_scores, vlm_scores
 from vtc.data.training import pixels
-from vtc.shapes_benchmark import (BUDGETS, CONNECTOR_ONLY, REDUCERS, SIGNIFICANCE, BenchmarkOptions, Row, budget_spec,
-                                  geometric_counts, ranking, run)
+from vtc.shapes_benchmark import (
+    BUDGETS,
+    CONNECTOR_ONLY,
+    REDUCERS,
+    SIGNIFICANCE,
+    BenchmarkOptions,
+    Row,
+    budget_spec,
+    geometric_counts,
+    ranking,
+    run,
+)
 from vtc.stats import Spread, mcnemar_exact, wilson
 
 HALF_BUDGET_EXAMPLES = 300

@@ -6,11 +6,11 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
-
 import tolerance
-import vtc
+import torch
 from tome_reference import tome_forward
+
+import vtc
 from vtc.merge import bipartite_soft_matching, size_weighted_mean
 from vtc.reducers import ToMe
 from vtc.sites import Signals

@@ -12,14 +12,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vtc.train.shapes_llava_model import ShapesLlavaShape
 from vtc.train.cli import train_main
 from vtc.train.curve import plot_curve
 from vtc.train.loop import JsonLog, LoopConfig, read_log, run_loop
 from vtc.train.options import add_options, from_options
 from vtc.train.shapes_llava import ShapesLlavaRecipe, ShapesLlavaTrainer
-from vtc.train.trainer import LOG, RunOptions
+from vtc.train.shapes_llava_model import ShapesLlavaShape
 from vtc.train.state import StateMismatchError
+from vtc.train.trainer import LOG, RunOptions
 
 TINY = ShapesLlavaShape(vision_width=16, vision_layers=1, vision_heads=2, text_width=16, text_layers=2,
                         text_heads=2, text_mlp=32)
@@ -116,8 +116,8 @@ def test_options_come_from_the_recipe_dataclass():
 
 def test_conversation_masks_prompts_and_marks_answer_positions():
     from vtc.data import shapes
-    from vtc.train.shapes_llava_model import word_tokenizer
     from vtc.train.shapes_llava import conversation
+    from vtc.train.shapes_llava_model import word_tokenizer
 
     tokenizer = word_tokenizer(shapes.vocabulary())
     example = shapes.example("train", 3)

@@ -5,9 +5,9 @@ DyMU."""
 from __future__ import annotations
 
 import pytest
+import tolerance
 import torch
 
-import tolerance
 import vtc
 from vtc.models.patching import InstancePatcher
 from vtc.models.vtu import VirtualMap, VirtualUnmergeSite
@@ -209,7 +209,7 @@ def test_llava_without_merges_equals_the_stock_model(llava, mode):
         beams = model.generate(**inputs, max_new_tokens=4, do_sample=False, num_beams=3)
         with vtc.apply(model, f"vtu:mode={mode}") as handle:
             out = model(**inputs).logits
-            assert handle.vtu.unique_rows.tolist() == [real.shape[1]] * 2  # every position its own row
+            assert handle.adapter.vtu.unique_rows.tolist() == [real.shape[1]] * 2  # every position its own row
             generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
             assert torch.equal(model.generate(**inputs, max_new_tokens=4, do_sample=False, num_beams=3), beams)
     import llava_models
@@ -245,7 +245,7 @@ def test_merged_batch_equals_single_runs_in_generate(llava, llava_next, tiny_dym
     spec = "tome:r=3" if merger == "tome" else tiny_dymu
     with torch.no_grad(), vtc.apply(model, spec, "vtu") as handle:
         batched = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-        rows = handle.vtu.unique_rows.clone()
+        rows = handle.adapter.vtu.unique_rows.clone()
         for i in range(3):
             one = {k: v[i:i + 1] for k, v in inputs.items() if k != "attention_mask"}
             keep = inputs["attention_mask"][i].bool()

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from vtc.models import find_adapter
+from vtc.options import check_exclusive, given_options
 from vtc.sites import Reducer, Site
 from vtc.spec import parse_reducer
-from vtc.options import check_exclusive, given_options
 from vtc.state import TokenState
 
 _HANDLE_ATTR = "_vtc_handle"
@@ -53,14 +53,28 @@ class Handle:
         """The same per-block removals predicted from the plan at the model's default input size."""
         return _differences(self.planned_token_counts())
 
-    def __getattr__(self, name: str):
-        # site-specific reports of richer adapters (e.g. ``visual_tokens`` of a LLaVA model)
-        if name.startswith("_") or "adapter" not in self.__dict__:
-            raise AttributeError(name)
-        try:
-            return getattr(self.adapter, name)
-        except AttributeError:
-            raise AttributeError(f"'Handle' of a {self.adapter.family} model has no attribute {name!r}") from None
+    @property
+    def image_token_counts(self) -> torch.Tensor | None:
+        """(images, L + 1) real tokens of every image (LLaVA-NeXT: every tile) entering each vision
+        block of the last forward, then leaving the last one: per-image counts under DyMU."""
+        return self.adapter.image_token_counts
+
+    @property
+    def visual_tokens(self) -> list[int]:
+        """Visual tokens each image of the last call brought into the LLM (vision-language models)."""
+        return self._vlm_report("visual_tokens")
+
+    @property
+    def decoder_token_counts(self) -> list[int] | None:
+        """Sequence length each LLM layer ran on in the last prefill, then the output (None without
+        a decoder-site reducer; vision-language models)."""
+        return self._vlm_report("decoder_token_counts")
+
+    def _vlm_report(self, name: str):
+        if not hasattr(type(self.adapter), name):
+            raise AttributeError(f"{name} is a report of a vision-language model; this {self.adapter.family} model "
+                                 f"has no LLM")
+        return getattr(self.adapter, name)
 
     def remove(self) -> None:
         """Restore the model exactly as it was (idempotent)."""
@@ -69,7 +83,7 @@ class Handle:
             self.model.__dict__.pop(_HANDLE_ATTR, None)
             self.active = False
 
-    def __enter__(self) -> "Handle":
+    def __enter__(self) -> Handle:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -96,8 +110,7 @@ def apply(model: nn.Module, *reducers: Reducer | str, **options) -> Handle:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"vtc.apply needs a torch.nn.Module, got {type(model).__name__}")
-    existing = model.__dict__.get(_HANDLE_ATTR)
-    if existing is not None and existing.active:
+    if active_handle(model) is not None:
         raise ValueError("this model already has vtc reducers applied; call handle.remove() first")
     parsed = [parse_reducer(r) for r in reducers]
     for reducer in parsed:
@@ -139,20 +152,14 @@ def apply(model: nn.Module, *reducers: Reducer | str, **options) -> Handle:
     return handle
 
 
-def run_encoder(handle, pixels: torch.Tensor) -> TokenState:
-    """Run the encoder of a model with vtc applied on ``pixels``; the state after its last block."""
-    adapter, model = handle.adapter, handle.model
-    parameter = next(model.parameters())
-    pixels = pixels.to(parameter.device, parameter.dtype)
-    tower = getattr(adapter, "tower", None)
-    if tower is not None:  # a LLaVA: its tower up to the feature layer
-        tower.encode(pixels, [tower.num_run])
-    elif hasattr(model, "encode_image"):
-        model.encode_image(pixels)
-    elif hasattr(model, "get_image_features"):
-        model.get_image_features(pixel_values=pixels)
-    elif type(model).__module__.startswith("transformers."):
-        model(pixel_values=pixels)
-    else:
-        model(pixels)
-    return (tower or adapter).state
+def active_handle(model: nn.Module) -> Handle | None:
+    """The handle of the reducers applied to ``model`` now, or None."""
+    handle = model.__dict__.get(_HANDLE_ATTR)
+    return handle if handle is not None and handle.active else None
+
+
+def run_encoder(handle: Handle, pixels: torch.Tensor) -> TokenState:
+    """Run the encoder of a model with vtc applied on ``pixels`` (a LLaVA: its tower up to the
+    vision feature layer); the state after its last block."""
+    parameter = next(handle.model.parameters())
+    return handle.adapter.encode_pixels(pixels.to(parameter.device, parameter.dtype))

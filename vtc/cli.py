@@ -86,11 +86,11 @@ def add_demo_parser(commands: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--out", metavar="DIR", type=Path, default=Path("outputs/demo"),
-                        help="folder for shapes.csv / pareto.png or results.csv and the PNG pictures (default: ./outputs/demo). If it exists "
-                             "and is not empty, a new run-<timestamp> subfolder is used unless --overwrite.")
+                        help="folder for shapes.csv / pareto.png or results.csv and the PNG pictures (default: ./outputs/demo). "
+                             "If it exists and is not empty, a new run-<timestamp> subfolder is used unless --overwrite.")
     parser.add_argument("--overwrite", action="store_true",
-                        help="write into a non-empty --out, replacing shapes.csv / pareto.png / results.csv / input.png / groups_*.png there "
-                             "(other files are left alone)")
+                        help="write into a non-empty --out, replacing shapes.csv / pareto.png / results.csv / input.png / "
+                             "groups_*.png there (other files are left alone)")
     parser.add_argument("--pretrained", action="store_true",
                         help="load real weights (timm vit_small_patch16_224 augreg, open_clip ViT-B-32 "
                              "laion2b_s34b_b79k) from the Hugging Face hub; needs internet on first use")

@@ -14,6 +14,7 @@ family (first image) is written as PNG.
 
 from __future__ import annotations
 
+import importlib.util
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,9 +27,9 @@ from torch import nn
 from tqdm import tqdm
 
 import vtc
-from vtc.records import write_records
 from vtc import shapes_benchmark as bench
 from vtc.measure import Comparison, compare
+from vtc.records import write_records
 from vtc.viz import save_groups
 
 # Colour images bundled inside the scikit-image package (checked to load without pooch/network).
@@ -349,6 +350,12 @@ def run(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoResult
     unknown = [m for m in options.models if m not in MODELS]
     if unknown or not options.models:
         raise DemoError(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
+    needed = {"matplotlib": any(m in SHAPES_MODELS for m in options.models),  # pareto.png
+              "skimage": any(m not in SHAPES_MODELS for m in options.models)}  # the sample pictures
+    missing = [name for name, used in needed.items() if used and importlib.util.find_spec(name) is None]
+    if missing:
+        raise DemoError(f"the demo needs {' and '.join(missing)}, which vtc's demo extra installs: "
+                        f"pip install 'vtc-vlm[demo]'")
     if options.pretrained and any(m in SHAPES_MODELS for m in options.models):
         raise DemoError("--pretrained loads hub weights for timm / open_clip; the shapes models are shipped "
                         "trained: pass --models timm,open_clip with --pretrained")

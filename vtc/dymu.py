@@ -22,7 +22,13 @@ from vtc.apply import apply, run_encoder
 from vtc.models.zoo import CHECKPOINTS
 from vtc.reducers.dymu import DyMU
 from vtc.reducers.dymu.calibration import (
-    CONFIG, PRESETS, SCHEDULES, TENSORS, Calibration, CalibrationRecorder, merge_schedule,
+    CONFIG,
+    PRESETS,
+    SCHEDULES,
+    TENSORS,
+    Calibration,
+    CalibrationRecorder,
+    merge_schedule,
 )
 from vtc.reducers.dymu.calibration import load_calibration as _load
 
@@ -53,7 +59,7 @@ def token_counts(model: nn.Module, reducer, images, batch_size: int = 64, progre
     """(images,) patch tokens (prefix excluded) leaving the encoder's last block under ``reducer``."""
     counts = []
     with torch.inference_mode(), apply(model, reducer) as handle:
-        n_prefix = (getattr(handle.adapter, "tower", None) or handle.adapter).info.n_prefix
+        n_prefix = handle.adapter.info.n_prefix
         for pixels in _progress(_batches(images, batch_size), progress, "dymu tokens"):
             counts.append(run_encoder(handle, pixels).real_counts().cpu() - n_prefix)
     return torch.cat(counts)
@@ -103,7 +109,7 @@ def calibrate(
     calibrating = CalibrationRecorder(target=target, schedule=schedule, cap=cap, clamp=clamp)
     seen = 0
     with torch.inference_mode(), apply(model, calibrating) as handle:
-        info = (getattr(handle.adapter, "tower", None) or handle.adapter).info
+        info = handle.adapter.info
         for pixels in _progress(_batches(images, batch_size), progress, "dymu calibration"):
             run_encoder(handle, pixels)
             seen += pixels.shape[0]

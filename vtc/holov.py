@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from vtc.apply import apply, run_encoder
-from vtc.sites import ConnectorInfo, Signal
 from vtc.reducers.holov import HoloV, band_crops, block_crops, code_order, holov_keep
+from vtc.sites import ConnectorInfo, Signal, Site
 
 
 def prune(model: nn.Module, pixels: torch.Tensor, k: int, **options) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +27,7 @@ def prune(model: nn.Module, pixels: torch.Tensor, k: int, **options) -> tuple[to
     reducer = HoloV(k=k, **options)
     with torch.inference_mode(), apply(model) as handle:
         adapter = handle.adapter
-        if getattr(adapter, "tower", None) is not None:
+        if Site.CONNECTOR in adapter.sites:
             raise TypeError("vtc.holov.prune takes a bare vision encoder; on a LLaVA apply 'holov:k=...' instead")
         info = adapter.info
         last = len(adapter.blocks) - 1

@@ -24,6 +24,7 @@ from vtc.flops import per_token_params
 from vtc.models.base import EncoderAdapter
 from vtc.sites import Signal
 
+
 @dataclass
 class FlopReport:
     """Analytic FLOPs of one image's forward pass."""

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from vtc.apply import apply
+from vtc.apply import active_handle, apply
 from vtc.flops import counted_flops, per_token_params
 from vtc.measure import _sync, analytic_flops, time_calls
 
@@ -100,8 +100,8 @@ def _kv_bytes(cache) -> int:
 
 
 def _adapter(model: nn.Module):
-    handle = model.__dict__.get("_vtc_handle")
-    if handle is None or not handle.active:
+    handle = active_handle(model)
+    if handle is None:
         raise ValueError("profile() needs vtc applied to the model: vtc.apply(model, ...) (no reducer: the baseline)")
     return handle.adapter
 
@@ -300,7 +300,7 @@ def answer_fidelity(reference: torch.Tensor, reduced: torch.Tensor, eos: int | S
 def compare_answers(model: nn.Module, reducers: Sequence, inputs: dict, max_new_tokens: int = 32) -> AnswerFidelity:
     """Greedy answers to processor ``inputs`` without and with ``reducers`` (applied to the
     unpatched ``model`` for the call, then removed), compared by :func:`answer_fidelity`."""
-    if model.__dict__.get("_vtc_handle") is not None and model.__dict__["_vtc_handle"].active:
+    if active_handle(model) is not None:
         raise ValueError("compare_answers() applies the reducers itself; call handle.remove() first")
     settings = dict(do_sample=False, max_new_tokens=max_new_tokens)
     prompt = inputs["input_ids"].shape[1]

@@ -206,7 +206,7 @@ def keep_tokens(
         x = torch.cat([x, fused], dim=1)
         fused_size = (state.sizes() * dropped).sum(dim=1, keepdim=True)
         size = torch.cat([state.sizes().gather(1, rows), fused_size], dim=1)
-        if valid is not None:
+        if valid is not None and state.valid is not None:
             valid = torch.cat([valid, (dropped & state.valid).any(dim=1, keepdim=True)], dim=1)
         dest = torch.where(dropped, torch.full_like(dest, p + k), dest)
     return state.replace(x=x, size=size, origin=remap_origin(state.origin, dest), valid=valid, grid=None)

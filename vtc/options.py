@@ -99,7 +99,7 @@ def parse_option(cls: type, key: str, text: str) -> Any:
         return coerce(text, hint)
     except ValueError:
         wanted = field.metadata.get("expects") or describe_type(hint)
-        raise ValueError(f"{cls.name}: {key} must be {wanted}, got {text.strip()!r}") from None
+        raise ValueError(f"{getattr(cls, 'name', cls.__name__)}: {key} must be {wanted}, got {text.strip()!r}") from None
 
 
 def given_options(reducer: Any) -> set[str]:
@@ -116,7 +116,7 @@ def check_exclusive(cls: type, given: set[str]) -> None:
     for group in getattr(cls, "exclusive", ()):
         both = [name for name in group if name in given]
         if len(both) > 1:
-            raise ValueError(f"{cls.name}: give one of {' or '.join(group)}, not {' and '.join(both)}")
+            raise ValueError(f"{getattr(cls, 'name', cls.__name__)}: give one of {' or '.join(group)}, not {' and '.join(both)}")
 
 
 def format_value(value: Any) -> str:

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 
 import torch
 
-
 POSITION_RULES = ("contiguous", "original")
 PADDING_SIDES = ("left", "right")
 

@@ -37,7 +37,6 @@ from tqdm import tqdm
 
 import vtc
 from vtc.budget import default_drop_layers
-from vtc.records import write_records
 from vtc.data import shapes
 from vtc.data.evaluate import Scores, classifier_scores, vlm_scores
 from vtc.data.training import pixels
@@ -45,6 +44,7 @@ from vtc.dymu import load_calibration
 from vtc.measure import compare
 from vtc.measure_vlm import profile, time_stages
 from vtc.models import zoo
+from vtc.records import write_records
 from vtc.stats import Spread, mcnemar_exact, speedup_spread
 
 BUDGETS = (256, 128, 64, 32, 16)
@@ -205,7 +205,7 @@ def _vlm_rows(ckpt, examples, specs: list[tuple[str, int, str]], options: Benchm
     processor.tokenizer.padding_side = saved_side
     configs = [("none", 256, None)] + specs
     measured = []
-    for reducer, budget, spec in configs:
+    for _reducer, _budget, spec in configs:
         with vtc.apply(model, *([spec] if spec else [])):
             scores = vlm_scores(model, processor, examples, options.batch_size)
             report = profile(model, inputs, new_tokens=2, timed=False)

@@ -32,7 +32,7 @@ import torch
 from vtc.options import to_spec
 from vtc.state import TokenState
 
-REDUCERS: dict[str, type["Reducer"]] = {}
+REDUCERS: dict[str, type[Reducer]] = {}
 """Every declared reducer class by spec name."""
 
 
@@ -65,6 +65,14 @@ class EncoderInfo:
 class Signals:
     key_mean: torch.Tensor | None = None
     cls_attn: torch.Tensor | None = None
+
+    def need(self, signal: Signal) -> torch.Tensor:
+        """The tensor of ``signal``; RuntimeError when the adapter did not compute it (a reducer
+        reads only the signals it declared in ``needs`` / ``connector_needs``)."""
+        value = getattr(self, signal.value)
+        if value is None:
+            raise RuntimeError(f"signal {signal.value} was not computed for this block; declare it in the reducer's needs")
+        return value
 
 
 class Reducer:
@@ -104,7 +112,7 @@ class Reducer:
             f"{'s' if len(available) > 1 else ''}"
         )
 
-    def companions(self) -> tuple["Reducer", ...]:
+    def companions(self) -> tuple[Reducer, ...]:
         """Reducers this one brings to other sites when the model has them free (DyMU: virtual
         unmerging at the decoder site); :func:`vtc.apply` adds them."""
         return ()

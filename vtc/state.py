@@ -33,13 +33,13 @@ class TokenState:
     prop_attn: bool = False
 
     @classmethod
-    def start(cls, x: torch.Tensor, n_prefix: int, grid: tuple[int, int] | None) -> "TokenState":
+    def start(cls, x: torch.Tensor, n_prefix: int, grid: tuple[int, int] | None) -> TokenState:
         """The state of an unreduced sequence: unit sizes, identity origin, no padding."""
         batch, n = x.shape[:2]
         origin = torch.arange(n, device=x.device).expand(batch, n)
         return cls(x=x, size=None, origin=origin, valid=None, n_prefix=n_prefix, grid=grid)
 
-    def replace(self, **changes) -> "TokenState":
+    def replace(self, **changes) -> TokenState:
         return dataclasses.replace(self, **changes)
 
     @property

@@ -11,18 +11,18 @@ Pure: it takes arrays/tensors (or a :class:`~vtc.state.TokenState`) and knows no
 
 from __future__ import annotations
 
+import colorsys
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 import numpy as np
 import torch
-from matplotlib.colors import hsv_to_rgb
 from PIL import Image
 
 from vtc.state import TokenState
 
-ImageLike = Union[Image.Image, np.ndarray, torch.Tensor]
-OriginLike = Union[TokenState, torch.Tensor, np.ndarray]
+ImageLike = Image.Image | np.ndarray | torch.Tensor
+OriginLike = TokenState | torch.Tensor | np.ndarray
 
 DROPPED = -1
 _GOLDEN = 0.618033988749895
@@ -115,7 +115,7 @@ def group_colours(labels: np.ndarray) -> dict[int, np.ndarray]:
     for rank, label in enumerate(ordered):
         hue = (rank * _GOLDEN) % 1.0
         saturation = 0.85 if rank % 2 == 0 else 0.6
-        colours[int(label)] = hsv_to_rgb((hue, saturation, 0.95)) * 255.0
+        colours[int(label)] = np.array(colorsys.hsv_to_rgb(hue, saturation, 0.95)) * 255.0
     return colours
 
 

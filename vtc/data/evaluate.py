@@ -49,7 +49,7 @@ class Scores:
         hits = self.correct_of(qtype)
         return wilson(sum(hits), len(hits))
 
-    def agreement(self, other: "Scores") -> float:
+    def agreement(self, other: Scores) -> float:
         """Fraction of examples where both give the same prediction (fidelity to ``other``)."""
         if other.truth != self.truth:
             raise ValueError("agreement needs scores on the same examples")

@@ -1,15 +1,23 @@
 """Token reducers: one file per method, pure tensor functions first, then the reducer class."""
 
-from vtc.sites import (
-    ConnectorInfo, ConnectorReducer, DecoderInfo, DecoderReducer, EncoderInfo, EncoderReducer, Reducer, Signal,
-    Signals, Site,
-)
 from vtc.reducers.drop import EViT, RandomDrop
 from vtc.reducers.dymu import DyMU, VirtualUnmerge
 from vtc.reducers.exit import VisualExit
 from vtc.reducers.holov import HoloV
 from vtc.reducers.pool import Pool
 from vtc.reducers.tome import ToMe
+from vtc.sites import (
+    ConnectorInfo,
+    ConnectorReducer,
+    DecoderInfo,
+    DecoderReducer,
+    EncoderInfo,
+    EncoderReducer,
+    Reducer,
+    Signal,
+    Signals,
+    Site,
+)
 from vtc.spec import REDUCERS, parse_reducer, to_spec
 
 __all__ = [

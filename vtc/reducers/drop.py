@@ -16,7 +16,15 @@ import torch
 from vtc.budget import default_drop_layers
 from vtc.merge import keep_tokens, keep_top
 from vtc.sites import (
-    ConnectorInfo, ConnectorReducer, EncoderInfo, EncoderReducer, Signal, Signals, Site, check_layers, check_site,
+    ConnectorInfo,
+    ConnectorReducer,
+    EncoderInfo,
+    EncoderReducer,
+    Signal,
+    Signals,
+    Site,
+    check_layers,
+    check_site,
 )
 from vtc.state import TokenState
 
@@ -38,8 +46,8 @@ class _DropAtLayers(EncoderReducer):
             self.layers = tuple(self.layers)
         if isinstance(self.tokens, (list, tuple)):
             self.tokens = tuple(self.tokens)
-        counts = self.tokens if isinstance(self.tokens, tuple) else (self.tokens,)
-        if self.tokens is not None and any(int(t) != t or t < 1 for t in counts):
+        counts = () if self.tokens is None else self.tokens if isinstance(self.tokens, tuple) else (self.tokens,)
+        if any(int(t) != t or t < 1 for t in counts):
             raise ValueError(f"{self.name}: tokens must be positive integers, got {self.tokens!r}")
 
     def _fused(self) -> bool:
@@ -63,8 +71,9 @@ class _DropAtLayers(EncoderReducer):
                     f"(excluding {info.n_prefix} prefix tokens)"
                 )
             if k < mergeable:
-                plan[layer] = k if self.tokens is not None else -1
-                n = self.tokens_after(n, info.n_prefix, plan[layer])
+                budget = k if self.tokens is not None else -1
+                plan[layer] = budget
+                n = self.tokens_after(n, info.n_prefix, budget)
         return plan
 
     def _kept(self, mergeable: int, drop_index: int) -> int:
@@ -123,7 +132,7 @@ class EViT(_DropAtLayers):
 
     def reduce(self, state: TokenState, signals: Signals, budget: int, layer: int) -> TokenState:
         p = state.n_prefix
-        attentiveness = signals.cls_attn[:, p:]
+        attentiveness = signals.need(Signal.CLS_ATTN)[:, p:]
         k = self._count(attentiveness.shape[1], budget)
         if k == attentiveness.shape[1]:
             return state
@@ -165,6 +174,8 @@ class RandomDrop(_DropAtLayers, ConnectorReducer):
     def target(self, num_tokens: int) -> int:
         if self.tokens is None:
             return math.ceil(self.keep * num_tokens)
+        if isinstance(self.tokens, tuple):
+            raise ValueError(f"random: one token count per image at the connector, got {self.tokens!r}")
         if self.tokens > num_tokens:
             raise ValueError(f"random: tokens={self.tokens} is more than the {num_tokens} visual tokens of an image")
         return self.tokens

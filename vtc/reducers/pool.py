@@ -28,7 +28,14 @@ import torch
 
 from vtc.merge import merge_tokens
 from vtc.sites import (
-    ConnectorInfo, ConnectorReducer, EncoderInfo, EncoderReducer, Signals, Site, check_layers, check_site,
+    ConnectorInfo,
+    ConnectorReducer,
+    EncoderInfo,
+    EncoderReducer,
+    Signals,
+    Site,
+    check_layers,
+    check_site,
 )
 from vtc.state import TokenState
 
@@ -83,6 +90,8 @@ class Pool(EncoderReducer, ConnectorReducer):
         if self.kernel is not None:
             return math.ceil(rows / self.kernel), math.ceil(cols / self.kernel)
         tokens = self.tokens if tokens is None else tokens
+        if tokens is None:
+            raise ValueError("pool: give exactly one of kernel=<patches> or tokens=<count>")
         pairs = _factor_grids(tokens, grid, exact)
         if not pairs:
             raise ValueError(
@@ -106,7 +115,7 @@ class Pool(EncoderReducer, ConnectorReducer):
     def reduce(self, state: TokenState, signals: Signals, budget: tuple[int, int], layer: int) -> TokenState:
         if state.grid is None:
             raise ValueError("pool: the patch tokens are no longer in raster order at this layer")
-        return self._pool(state, self.output_grid(state.grid), self.prop_attn)
+        return self._pool(state, state.grid, self.output_grid(state.grid), self.prop_attn)
 
     # ----- connector site -----------------------------------------------------------------------
     needs_grid: ClassVar[bool] = True
@@ -145,10 +154,11 @@ class Pool(EncoderReducer, ConnectorReducer):
                 raise ValueError(f"pool: one grid per batch; got per-image targets {targets.tolist()}")
             wanted = int(targets[0])
             out_grid = self.output_grid(state.grid, wanted, exact=wanted == self.tokens)
-        return self._pool(state, out_grid, prop_attn=False)
+        return self._pool(state, state.grid, out_grid, prop_attn=False)
 
-    def _pool(self, state: TokenState, out_grid: tuple[int, int], prop_attn: bool) -> TokenState:
-        (rows, cols), p = state.grid, state.n_prefix
+    def _pool(self, state: TokenState, grid: tuple[int, int], out_grid: tuple[int, int], prop_attn: bool) -> TokenState:
+        """Average ``state``'s tokens, on ``grid`` (its patch grid) after the prefix, in ``out_grid`` cells."""
+        (rows, cols), p = grid, state.n_prefix
         out_rows, out_cols = out_grid
         device = state.x.device
         if self.kernel is not None:

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from vtc.budget import SCHEDULES, per_layer
-from vtc.options import expects
 from vtc.merge import bipartite_soft_matching, merge_capacity, merge_tokens
+from vtc.options import expects
 from vtc.sites import EncoderInfo, EncoderReducer, Signal, Signals
 from vtc.state import TokenState
 
@@ -107,5 +107,5 @@ class ToMe(EncoderReducer):
         r = self._checked(budget, state.num_tokens, state.n_prefix, layer)
         if r == 0:  # nothing to merge (e.g. one token left without a prefix): the block skips merging
             return state
-        dest, n_out = bipartite_soft_matching(signals.key_mean, r, state.n_prefix, state.valid)
+        dest, n_out = bipartite_soft_matching(signals.need(Signal.KEY_MEAN), r, state.n_prefix, state.valid)
         return merge_tokens(state, dest, n_out, self.prop_attn)

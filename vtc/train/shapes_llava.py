@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from vtc.data import shapes
 from vtc.data.evaluate import vlm_scores
 from vtc.data.training import NO_DIGIT, TARGET_CLASSES, cosine_lr, patch_targets, pixels
-from vtc.train.shapes_llava_model import ShapesLlavaShape, build
 from vtc.models.zoo import write_card
+from vtc.train.shapes_llava_model import ShapesLlavaShape, build
 from vtc.train.trainer import RunOptions, Trainer
+
 BOOST = {"kind": 3.0, "color": 3.0, "cell": 3.0, "count": 3.0, "digit": 9.0}  # weight of object patches
 
 
@@ -99,8 +100,9 @@ def collate(conversations, pad_id: int) -> dict[str, torch.Tensor]:
     ids = torch.full((len(conversations), length), pad_id)
     labels = torch.full((len(conversations), length), -100)
     mask = torch.zeros((len(conversations), length), dtype=torch.long)
-    for row, (i, l, _) in enumerate(conversations):
-        ids[row, :len(i)], labels[row, :len(l)], mask[row, :len(i)] = torch.tensor(i), torch.tensor(l), 1
+    for row, (row_ids, row_labels, _) in enumerate(conversations):
+        ids[row, :len(row_ids)], labels[row, :len(row_labels)] = torch.tensor(row_ids), torch.tensor(row_labels)
+        mask[row, :len(row_ids)] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 

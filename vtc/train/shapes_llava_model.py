@@ -51,8 +51,7 @@ def word_tokenizer(words: Sequence[str]) -> Any:
 
 def build(shape: ShapesLlavaShape = ShapesLlavaShape()) -> tuple[Any, Any]:
     """A freshly initialised (model, processor) pair of the shapes-llava architecture."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tokenizer = word_tokenizer(shapes.vocabulary())
     size = shapes.IMAGE_SIZE

@@ -74,7 +74,7 @@ class Calibration:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Calibration":
+    def load(cls, folder: str | Path) -> Calibration:
         from safetensors.torch import load_file
 
         folder = Path(folder)
@@ -126,6 +126,8 @@ def find_calibration(info: EncoderInfo, calibration: str | None, preset: str | N
         found = load_calibration(calibration, info.shipped)
         found.check(info, repr(calibration))
         return found
+    if preset is None:
+        raise ValueError("dymu: give calibration= (a saved calibration's name or folder) or preset=")
     folder = shipped_folder(info.shipped, info.model_id, preset) if info.model_id and info.shipped else None
     if folder is None or not folder.is_dir():
         raise ValueError(
@@ -206,7 +208,7 @@ class CalibrationRecorder(EncoderReducer, register=False):
         return num_tokens
 
     def reduce(self, state: TokenState, signals: Signals, budget: int, layer: int) -> TokenState:
-        score, partner = bipartite_match(signals.key_mean.float(), state.n_prefix, state.valid)
+        score, partner = bipartite_match(signals.need(Signal.KEY_MEAN).float(), state.n_prefix, state.valid)
         if self.cap is not None:  # edges beyond rank cap * r_l within their own image are masked first
             rank = score.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
             score = score.masked_fill(rank >= int(self.cap * budget), float("-inf"))

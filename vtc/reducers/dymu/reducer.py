@@ -34,6 +34,7 @@ Departures from the official code, all deliberate:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
@@ -92,10 +93,10 @@ class DyMU(EncoderReducer):
             )
         if isinstance(self.thresholds, list):
             self.thresholds = tuple(self.thresholds)
-        values = self.thresholds if isinstance(self.thresholds, tuple) else (self.thresholds,)
-        if self.thresholds is not None and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        values = () if self.thresholds is None else self.thresholds if isinstance(self.thresholds, tuple) else (self.thresholds,)
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             raise ValueError(f"dymu: thresholds must be numbers, got {self.thresholds!r}")
-        if self.thresholds is not None and not all(-1.0 <= v <= 1.0 for v in values):
+        if not all(-1.0 <= v <= 1.0 for v in values):
             raise ValueError(f"dymu: thresholds are cosine similarities in [-1, 1] (1: the block never merges), "
                              f"got {self.thresholds!r}")
         if self.preset is not None and self.preset not in PRESETS:
@@ -107,6 +108,8 @@ class DyMU(EncoderReducer):
             raise ValueError(f"dymu: vtu must be one of {', '.join(VTU_MODES)}, got {self.vtu!r}")
 
     def plan(self, info: EncoderInfo) -> list[LayerThreshold | None]:
+        taus: Sequence[float]
+        merges: Sequence[int | None]
         if self.thresholds is not None:
             taus = self.thresholds if isinstance(self.thresholds, tuple) else (self.thresholds,) * info.num_layers
             if len(taus) != info.num_layers:
@@ -132,7 +135,7 @@ class DyMU(EncoderReducer):
     def reduce(self, state: TokenState, signals: Signals, budget: LayerThreshold, layer: int) -> TokenState:
         dest, real, n_out = bipartite_threshold_matching(  # float32 scores whatever the model's dtype, so
             # borderline edges do not flip with the model's precision
-            signals.key_mean.float(), budget.threshold, state.n_prefix, state.valid, budget.cap
+            signals.need(Signal.KEY_MEAN).float(), budget.threshold, state.n_prefix, state.valid, budget.cap
         )
         if bool((real == state.real_counts()).all()):
             return state  # no image merged anything: every order stays

@@ -87,7 +87,7 @@ def rope_logits(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
     c, s = cos[..., :half].unsqueeze(1), sin[..., :half].unsqueeze(1)  # (B, 1, T, d/2)
     rows = pi[:, None, :, None]
     cols = pi[:, None, None, :]
-    logits = None
+    logits: torch.Tensor | None = None
     for f in range(half):
         dot = qa[..., f : f + 1] @ ka[..., f : f + 1].transpose(-1, -2) + qb[..., f : f + 1] @ kb[..., f : f + 1].transpose(-1, -2)
         cross = qa[..., f : f + 1] @ kb[..., f : f + 1].transpose(-1, -2) - qb[..., f : f + 1] @ ka[..., f : f + 1].transpose(-1, -2)
@@ -96,6 +96,8 @@ def rope_logits(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
         cn, sn = cm.transpose(-1, -2), sm.transpose(-1, -2)  # position n
         term = dot * (cm * cn + sm * sn) + cross * (sm * cn - cm * sn)
         logits = term if logits is None else logits + term
+    if logits is None:
+        raise ValueError(f"rope_logits: heads of width {q.shape[-1]} have no rotary frequency pair")
     return logits
 
 
