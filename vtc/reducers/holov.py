@@ -22,7 +22,7 @@ Paper rules by default, departures and code variants named:
   overflows, the quotas are the code's (floor, then one each to the highest weights);
 * ``lam`` defaults to the paper's 1; ``lam=0.09`` is the LLaVA code's value;
 * ``rank=holistic`` (paper, Eq. 5) or ``rank=attention`` (code: raw CLS attention) inside a crop;
-* ``crops=bands`` (contiguous runs in raster order, as paper and code) or ``crops=blocks`` (2-D
+* ``shape=bands`` (contiguous runs in raster order, as paper and code) or ``shape=blocks`` (2-D
   tiles of the patch grid); the crop count defaults to the paper's ``floor(1024 / K)`` (App. A.3),
   scaled by ``N / 576`` for other token counts (``floor(1024 N / (576 K))``, at least 1);
 * ``variance=paper`` is the paper's off-diagonal variance; ``variance=code`` also counts the zeroed
@@ -90,7 +90,7 @@ def block_crops(real: torch.Tensor, grid: tuple[int, int], crops: int) -> torch.
     ``a`` the largest divisor of ``crops`` up to its square root)."""
     rows, cols = grid
     if real.shape[1] != rows * cols or not bool(real.all()):
-        raise ValueError("holov: crops=blocks needs every patch of the grid in raster order (no earlier reduction)")
+        raise ValueError("holov: shape=blocks needs every patch of the grid in raster order (no earlier reduction)")
     tall = max(d for d in range(1, int(math.isqrt(crops)) + 1) if crops % d == 0)
     wide = crops // tall
     if tall > rows or wide > cols:
@@ -301,7 +301,7 @@ class HoloV(ConnectorReducer):
         crops = self.crop_count(int(counts.min()), int(targets.max()))
         if self.shape == "blocks":
             if state.grid is None:
-                raise ValueError("holov: crops=blocks needs the patch grid (no encoder reducer before it)")
+                raise ValueError("holov: shape=blocks needs the patch grid (no encoder reducer before it)")
             crop = block_crops(real, state.grid, crops)
         else:
             crop = band_crops(real, crops)
