@@ -183,3 +183,17 @@ def test_pool_conserves_weighted_sum_at_the_merge(timm_vit, tools):
 def test_pool_bad_budgets(timm_vit, spec, message):
     with pytest.raises(ValueError, match=message):
         vtc.apply(timm_vit("plain"), spec)
+
+
+def test_random_at_the_connector_keeps_an_image_s_tokens_in_a_wider_batch():
+    """A per-image width (after DyMU) pads the batch: the padded image keeps what it keeps alone."""
+    torch.manual_seed(0)
+    wide, narrow = torch.randn(1, 12, 4), torch.randn(1, 7, 4)
+    origin = torch.arange(12).expand(2, 12).clone()
+    batch = vtc.TokenState(x=torch.cat([wide, torch.nn.functional.pad(narrow, (0, 0, 0, 5))]), size=None, origin=origin,
+                           valid=torch.arange(12).expand(2, 12) < torch.tensor([[12], [7]]), n_prefix=0, grid=None)
+    alone = vtc.TokenState(x=narrow, size=None, origin=torch.arange(7)[None], valid=None, n_prefix=0, grid=None)
+    reducer = RandomDrop(tokens=3, seed=5)
+    together = reducer.reduce_visual(batch, None, torch.tensor([3, 3]))
+    single = reducer.reduce_visual(alone, None, torch.tensor([3]))
+    assert torch.equal(together.x[1, :3], single.x[0])

@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from vtc.merge import keep_top
 from vtc.options import to_spec
 from vtc.state import TokenState
 
@@ -197,6 +198,19 @@ class ConnectorReducer(Reducer):
         row ``b`` keeps ``targets[b]`` non-prefix tokens; ragged results come back padded, with
         ``valid`` marking the real tokens."""
         raise NotImplementedError
+
+
+class ScoringConnectorReducer(ConnectorReducer):
+    """A connector reducer that scores every visual token and keeps each image's ``targets[b]``
+    best, in their current order (:func:`vtc.merge.keep_top`; ties to the lower index). A method
+    of this kind writes :meth:`score` (and :meth:`target`); padding is never kept."""
+
+    def score(self, state: TokenState, signals: Signals) -> torch.Tensor:
+        """(B, N) scores of the tokens of ``state`` (higher is kept first)."""
+        raise NotImplementedError
+
+    def reduce_visual(self, state: TokenState, signals: Signals, targets: torch.Tensor) -> TokenState:
+        return keep_top(state, self.score(state, signals), targets)
 
 
 @dataclass(frozen=True)

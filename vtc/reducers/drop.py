@@ -14,12 +14,12 @@ from typing import ClassVar
 import torch
 
 from vtc.budget import default_drop_layers
-from vtc.merge import keep_tokens, keep_top
+from vtc.merge import keep_tokens
 from vtc.sites import (
     ConnectorInfo,
-    ConnectorReducer,
     EncoderInfo,
     EncoderReducer,
+    ScoringConnectorReducer,
     Signal,
     Signals,
     Site,
@@ -142,7 +142,7 @@ class EViT(_DropAtLayers):
 
 
 @dataclass
-class RandomDrop(_DropAtLayers, ConnectorReducer):
+class RandomDrop(_DropAtLayers, ScoringConnectorReducer):
     """Random pruning baseline: keep a random subset of the non-prefix tokens.
 
     At the encoder site (the only one of a vision encoder, or ``site=encoder``) it drops at each
@@ -180,10 +180,12 @@ class RandomDrop(_DropAtLayers, ConnectorReducer):
             raise ValueError(f"random: tokens={self.tokens} is more than the {num_tokens} visual tokens of an image")
         return self.tokens
 
-    def reduce_visual(self, state: TokenState, signals: Signals, targets: torch.Tensor) -> TokenState:
+    def score(self, state: TokenState, signals: Signals) -> torch.Tensor:
+        """A priority per token position drawn from ``seed`` (on the CPU, so a longer draw starts
+        with a shorter one: an image keeps the same tokens in a wider padded batch)."""
         n = state.x.shape[1]
         priority = torch.rand(n, generator=torch.Generator().manual_seed(self.seed)).to(state.x.device)
-        return keep_top(state, priority.expand(state.x.shape[0], n), targets)
+        return priority.expand(state.x.shape[0], n)
 
     def reduce(self, state: TokenState, signals: Signals, budget: int, layer: int) -> TokenState:
         p, (batch, n) = state.n_prefix, state.x.shape[:2]
