@@ -15,7 +15,7 @@ from pathlib import Path
 # module only, not the modules under it).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core", ("vtc.state", "vtc.budget", "vtc.merge", "vtc.sequence", "vtc.grid", "vtc.sites", "vtc.options",
-              "vtc.spec", "vtc.flops", "vtc.kernels")),
+              "vtc.spec", "vtc.flops", "vtc.chain", "vtc.kernels")),
     ("methods", ("vtc.reducers",)),
     ("adapters", ("vtc.models",)),
     ("api", ("=vtc", "vtc.apply", "vtc.dymu", "vtc.holov", "vtc.answer")),
@@ -102,7 +102,10 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         on_stack.add(node)
         for target in sorted(graph.get(node, ())):
             if target in on_stack:
-                cycles.append(stack[stack.index(target):] + [target])
+                loop = stack[stack.index(target):]
+                start = loop.index(min(loop))  # reported from its first module by name, whatever the search order
+                loop = loop[start:] + loop[:start]
+                cycles.append(loop + [loop[0]])
             elif target not in done:
                 visit(target)
         stack.pop()

@@ -18,10 +18,11 @@ NEXT_SIZES = [(64, 32), (32, 32), (32, 64)]  # (width, height): 52, 36 and 56 pl
 LLAVA_SPECS = [(), ("pool:tokens=4",), ("random:tokens=5",), ("tome:r=2",), ("evit:keep=0.5",),
                ("tome:r=2", "random:keep=0.5"), ("pool:tokens=8", "exit:layer=1"), ("random:tokens=3,seed=4",),
                ("pool:site=encoder,tokens=4", "random:tokens=2"), ("tome:r=2", "pool:tokens=4"),
-               ("evit:keep=0.5,fuse=false", "pool:tokens=4", "exit:layer=1")]  # pooling laid-back tokens
+               ("evit:keep=0.5,fuse=false", "pool:tokens=4", "exit:layer=1"),  # pooling laid-back tokens
+               ("pool:tokens=4", "random:tokens=2")]  # a connector chain
 NEXT_SPECS = [(), ("pool:tokens=9",), ("random:tokens=11",), ("tome:r=3",), ("evit:keep=0.6", "random:site=connector,tokens=4"),
               ("tome:r=2", "random:keep=0.3", "exit:layer=2"), ("tome:r=3", "pool:tokens=9"),
-              ("evit:keep=0.5,fuse=false", "pool:kernel=2")]
+              ("evit:keep=0.5,fuse=false", "pool:kernel=2"), ("pool:tokens=9", "random:tokens=5")]
 
 
 def _inputs(processor, images, texts):
@@ -115,6 +116,23 @@ def test_llava_reports_the_tokens_the_llm_saw(llava, spec, expected):
         assert int(handle.adapter.layout.visual.sum()) == 2 * expected  # what the LLM input actually holds
     placeholders = int((inputs["input_ids"] == model.config.image_token_id).sum())
     assert placeholders == 2 * 16
+
+
+def test_connector_reducers_chain_in_the_order_given(llava):
+    model, processor = llava
+    inputs = _inputs(processor, lm.images(2), lm.prompts(2))
+    with vtc.apply(model, "pool:tokens=4", "random:tokens=2,seed=1") as handle:
+        _generate(model, inputs, n=1)
+        chained = [f.clone() for f in handle.adapter.visual.features]
+        assert handle.visual_tokens == [2, 2]
+        assert handle.adapter.reducers[Site.CONNECTOR].describe() == "pool:tokens=4 -> random:tokens=2,seed=1"
+    with vtc.apply(model, "pool:tokens=4") as handle:  # the same pooled cells, then the same random pick
+        _generate(model, inputs, n=1)
+        pooled = handle.adapter.visual.features
+    priority = torch.rand(4, generator=torch.Generator().manual_seed(1))
+    pick = priority.argsort(descending=True, stable=True)[:2].sort().values
+    for mine, cells in zip(chained, pooled):
+        torch.testing.assert_close(mine, cells[pick])
 
 
 def test_next_budget_is_per_image_and_keeps_the_newline_layout(llava_next):
@@ -227,8 +245,10 @@ def test_bad_inputs_are_clear_errors(llava, timm_vit):
         with pytest.raises(ValueError, match=message):
             vtc.apply(model, spec)
         assert "_vtc_handle" not in model.__dict__
-    with pytest.raises(ValueError, match="one connector reducer per model"):
-        vtc.apply(model, "pool:tokens=4", "random:tokens=4")
+    with pytest.raises(ValueError, match="pool needs the vision tower's patch grid, which only the first connector reducer"):
+        vtc.apply(model, "random:tokens=8", "pool:tokens=4")
+    with pytest.raises(ValueError, match="act on different sides of the projector"):
+        vtc.apply(model, "pool:tokens=9", "holov:k=4")
     with pytest.raises(ValueError, match="positions must be one of"):
         vtc.apply(model, positions="shifted")
     inputs = _inputs(processor, lm.images(2), lm.prompts(2))

@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vtc.chain import ConnectorChain
 from vtc.models import find_adapter
 from vtc.options import check_exclusive, given_options
-from vtc.sites import Reducer, Site
+from vtc.sites import ConnectorReducer, Reducer, Site
 from vtc.spec import parse_reducer
 from vtc.state import TokenState
 
@@ -103,10 +104,11 @@ def apply(model: nn.Module, *reducers: Reducer | str, **options) -> Handle:
 
     ``options`` go to the model's adapter (a LLaVA takes ``positions="contiguous"|"original"``).
 
-    Each reducer acts at the site it names (or its preferred site the model has); at most one
-    reducer per site. Raises TypeError for an unsupported model (naming the supported families)
-    and ValueError for a reducer that cannot act on it (no such site, impossible budget, two
-    reducers at one site).
+    Each reducer acts at the site it names (or its preferred site the model has); one reducer per
+    site, except the connector, where several act one after the other in the order given
+    (:class:`vtc.chain.ConnectorChain`). Raises TypeError for an unsupported model (naming the
+    supported families) and ValueError for a reducer that cannot act on it (no such site,
+    impossible budget, two reducers at the encoder or decoder site).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"vtc.apply needs a torch.nn.Module, got {type(model).__name__}")
@@ -123,14 +125,20 @@ def apply(model: nn.Module, *reducers: Reducer | str, **options) -> Handle:
         raise TypeError(f"vtc.apply: {', '.join(unknown)} {'is not an option' if len(unknown) == 1 else 'are not options'} "
                         f"of a {adapter_cls.family} model; its options: {offered}")
     by_site: dict[Site, Reducer] = {}
+    connectors: list[ConnectorReducer] = []
     for reducer in parsed:
         site = reducer.resolve_site(adapter_cls.sites, adapter_cls.family)
+        if site is Site.CONNECTOR and isinstance(reducer, ConnectorReducer):
+            connectors.append(reducer)  # several chain, in the order given
+            continue
         if site in by_site:
             raise ValueError(
                 f"one {site.value} reducer per model, got {by_site[site].name}, {reducer.name}; reducers compose "
-                f"across sites, not within one"
+                f"across sites and chain only at the connector"
             )
         by_site[site] = reducer
+    if connectors:
+        by_site[Site.CONNECTOR] = connectors[0] if len(connectors) == 1 else ConnectorChain(tuple(connectors))
     for reducer in list(by_site.values()):
         for companion in reducer.companions():
             site = companion.sites[0]

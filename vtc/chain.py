@@ -1,0 +1,76 @@
+"""Several connector reducers in a row (docs/ARCHITECTURE.md "Reducers").
+
+``vtc.apply(llava, "pool:tokens=144", "random:tokens=64")`` pools each image to 144 tokens, then
+keeps 64 of them at random: the reducers act in the order given, each on what the one before left.
+They must all act on the same side of the projector. Only the first may ask for signals (the
+vision tower's CLS attention belongs to its tokens, not to the ones a reducer leaves) or for the
+patch grid (after a reduction the tokens are no longer one per patch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from vtc.sites import ConnectorInfo, ConnectorReducer, Signal, Signals
+from vtc.state import TokenState
+
+
+class ConnectorChain(ConnectorReducer, register=False):
+    """Connector reducers applied one after the other; itself a connector reducer."""
+
+    name = "chain"
+
+    def __init__(self, reducers: tuple[ConnectorReducer, ...]) -> None:
+        names = ", ".join(r.name for r in reducers)
+        if len(reducers) < 2:
+            raise ValueError(f"a chain of connector reducers needs at least two, got {names or 'none'}")
+        if len({r.before_projector for r in reducers}) > 1:
+            raise ValueError(f"connector reducers {names} act on different sides of the projector "
+                             f"({', '.join(f'{r.name}: ' + ('before' if r.before_projector else 'after') for r in reducers)}); "
+                             f"chain reducers of one side only")
+        for later in reducers[1:]:
+            if later.connector_needs or later.needs_grid:
+                raise ValueError(f"{later.name} needs the vision tower's {'signals' if later.connector_needs else 'patch grid'}, "
+                                 f"which only the first connector reducer of a chain gets; put it first")
+        self.reducers = reducers
+
+    @property
+    def before_projector(self) -> bool:  # type: ignore[override]
+        return self.reducers[0].before_projector
+
+    @property
+    def connector_needs(self) -> frozenset[Signal]:  # type: ignore[override]
+        return self.reducers[0].connector_needs
+
+    @property
+    def needs_grid(self) -> bool:  # type: ignore[override]
+        return self.reducers[0].needs_grid
+
+    @property
+    def ordered(self) -> bool:
+        return any(r.ordered for r in self.reducers)
+
+    def describe(self) -> str:
+        return " -> ".join(r.describe() for r in self.reducers)
+
+    def check_connector(self, info: ConnectorInfo) -> None:
+        for reducer in self.reducers:
+            reducer.check_connector(info)
+            count = None if info.num_tokens is None else reducer.target(info.num_tokens)
+            info = dataclasses.replace(info, num_tokens=count, reordered=True)
+
+    def target(self, num_tokens: int) -> int:
+        for reducer in self.reducers:
+            num_tokens = reducer.target(num_tokens)
+        return num_tokens
+
+    def reduce_visual(self, state: TokenState, signals: Signals, targets: torch.Tensor) -> TokenState:
+        counts = [int(n) - state.n_prefix for n in state.real_counts().tolist()]
+        for index, reducer in enumerate(self.reducers):
+            last = index == len(self.reducers) - 1
+            counts = [reducer.target(n) for n in counts]
+            stage = targets if last else torch.tensor(counts, device=targets.device)
+            state = reducer.reduce_visual(state, signals if index == 0 else Signals(), stage)
+        return state
