@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
 import pytest
 
 import vtc
+from vtc.options import parse_option
 from vtc.reducers import REDUCERS, EViT, Pool, RandomDrop, ToMe, parse_reducer, to_spec
+from vtc.sites import EncoderReducer
 
 
 def test_registry_names():
@@ -173,3 +178,22 @@ def test_objects_with_two_exclusive_options_are_refused_at_apply():
 
 def test_the_no_op_default_says_so():
     assert "no-op" in ToMe.__doc__ and ToMe().describe() == "tome"
+
+
+
+@dataclass
+class Choosy(EncoderReducer, register=False):
+    """A reducer with options of allowed values (a Literal type)."""
+
+    name: ClassVar[str] = "choosy"
+    order: Literal["raster", "score"] = "raster"
+    budget: int | Literal["auto"] = "auto"
+
+
+def test_a_literal_option_names_its_allowed_values():
+    assert parse_option(Choosy, "order", "score") == "score"
+    assert parse_option(Choosy, "budget", "12") == 12 and parse_option(Choosy, "budget", "auto") == "auto"
+    with pytest.raises(ValueError, match="choosy: order must be one of raster, score, got 'best'"):
+        parse_option(Choosy, "order", "best")
+    with pytest.raises(ValueError, match="choosy: budget must be an integer or one of auto, got '1.5'"):
+        parse_option(Choosy, "budget", "1.5")

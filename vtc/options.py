@@ -1,11 +1,13 @@
 """Typed reducer options: spec-string values coerced from the dataclass field types, and the
-spec string written back from a reducer (docs/ARCHITECTURE.md "Spec strings").
+spec string written back from a reducer (docs/ARCHITECTURE.md "Reducers").
 
 A reducer is a dataclass whose fields are its options. A value in a spec string is read as the
 field's annotated type, never guessed: ``bool`` takes ``true``/``false``; ``int`` an integer;
-``float`` a number; ``str`` a word; ``tuple[X, ...]`` a ``;``-separated list of ``X`` (``5;`` is a
-one-entry list); ``None`` (in an optional field) ``none``. A union tries its members in that order.
-A value that fits none is refused with the option, what it takes and what was given.
+``float`` a number; ``Literal["a", "b"]`` one of its values; ``str`` a word; ``tuple[X, ...]`` a
+``;``-separated list of ``X`` (``5;`` is a one-entry list); ``None`` (in an optional field)
+``none``. A union tries none, true/false, integer, number, then the words, then a one-entry list.
+A value that fits none is refused with the option, what it takes (a Literal's allowed values) and
+what was given.
 """
 
 from __future__ import annotations
@@ -128,9 +130,6 @@ def format_value(value: Any) -> str:
 
 def to_spec(reducer: Any) -> str:
     """The spec string of a reducer, listing the options that differ from their defaults."""
-    parts = [
-        f"{field.name}={format_value(getattr(reducer, field.name))}"
-        for field in dataclasses.fields(reducer)
-        if getattr(reducer, field.name) != field.default
-    ]
+    given = given_options(reducer)
+    parts = [f"{f.name}={format_value(getattr(reducer, f.name))}" for f in dataclasses.fields(reducer) if f.name in given]
     return reducer.name + (":" + ",".join(parts) if parts else "")

@@ -1,4 +1,4 @@
-"""Spec strings: ``"tome:r=8"``, ``"evit:keep=0.7,layers=3;6;9"`` (docs/ARCHITECTURE.md "Spec strings").
+"""Spec strings: ``"tome:r=8"``, ``"evit:keep=0.7,layers=3;6;9"`` (docs/ARCHITECTURE.md "Reducers").
 
 Grammar: ``name[:option=value[,option=value...]]``. The name is a declared reducer's
 (:data:`vtc.sites.REDUCERS`, or one an installed package adds through the ``vtc.reducers``
