@@ -229,7 +229,7 @@ class EncoderAdapter:
         if budget is None and not state.needs_attention_bias() and not extra:
             out = original(x)
         else:
-            needs = (self.reducer.needs if budget is not None else frozenset()) | extra
+            needs = (self.reducer.needs_for(budget) if budget is not None else frozenset()) | extra
             attn_out, signals = self.attention(block, self.pre_attention_norm(block, x), state.attention_bias(x.dtype), needs)
             if extra:
                 self.signals[index] = signals

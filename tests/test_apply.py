@@ -242,9 +242,20 @@ def test_reducer_at_a_site_the_model_lacks(timm_vit):
     assert "_vtc_handle" not in model.__dict__
 
 
-def test_two_encoder_reducers_are_refused(timm_vit):
-    with pytest.raises(ValueError, match="one encoder reducer per model, got tome, evit"):
+def test_encoder_reducers_at_shared_layers_are_refused(timm_vit):
+    with pytest.raises(ValueError, match="tome and evit both reduce at layer 1; chained encoder reducers need disjoint layers"):
         vtc.apply(timm_vit("plain"), "tome:r=2", "evit:keep=0.5")
+
+
+def test_encoder_reducers_at_disjoint_layers_chain(timm_vit, tools):
+    model = timm_vit("plain")
+    images = tools.images(3)
+    with torch.no_grad(), vtc.apply(model, "evit:keep=0.5,layers=1;", "tome:r=0;0;4;4") as handle:
+        batch = model(images)
+        assert handle.token_counts == handle.planned_token_counts() == [65, 65, 34, 30, 26]  # EViT: 32 + fused + CLS
+        assert repr(handle).startswith("<vtc.Handle timm: evit:keep=0.5,layers=1;, tome:r=0;0;4;4")
+        singles = torch.cat([model(image[None]) for image in images])
+    tolerance.assert_close(batch, singles, terms=tools.vit_terms)
 
 
 def test_failed_apply_leaves_the_model_untouched(timm_vit, tools):

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vtc.chain import ConnectorChain
+from vtc.chain import ConnectorChain, EncoderChain
 from vtc.models import find_adapter
 from vtc.options import check_exclusive, given_options
-from vtc.sites import ConnectorReducer, Reducer, Site
+from vtc.sites import Reducer, Site
 from vtc.spec import parse_reducer
 from vtc.state import TokenState
 
@@ -104,11 +104,12 @@ def apply(model: nn.Module, *reducers: Reducer | str, **options) -> Handle:
 
     ``options`` go to the model's adapter (a LLaVA takes ``positions="contiguous"|"original"``).
 
-    Each reducer acts at the site it names (or its preferred site the model has); one reducer per
-    site, except the connector, where several act one after the other in the order given
-    (:class:`vtc.chain.ConnectorChain`). Raises TypeError for an unsupported model (naming the
-    supported families) and ValueError for a reducer that cannot act on it (no such site,
-    impossible budget, two reducers at the encoder or decoder site).
+    Each reducer acts at the site it names (or its preferred site the model has). Several encoder
+    reducers share the blocks at disjoint layers (:class:`vtc.chain.EncoderChain`); several
+    connector reducers act one after the other in the order given
+    (:class:`vtc.chain.ConnectorChain`); the decoder takes one. Raises TypeError for an
+    unsupported model (naming the supported families) and ValueError for a reducer that cannot act
+    on it (no such site, impossible budget, overlapping encoder layers, two decoder reducers).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"vtc.apply needs a torch.nn.Module, got {type(model).__name__}")
@@ -125,20 +126,21 @@ def apply(model: nn.Module, *reducers: Reducer | str, **options) -> Handle:
         raise TypeError(f"vtc.apply: {', '.join(unknown)} {'is not an option' if len(unknown) == 1 else 'are not options'} "
                         f"of a {adapter_cls.family} model; its options: {offered}")
     by_site: dict[Site, Reducer] = {}
-    connectors: list[ConnectorReducer] = []
+    chains: dict[Site, list] = {Site.ENCODER: [], Site.CONNECTOR: []}
     for reducer in parsed:
         site = reducer.resolve_site(adapter_cls.sites, adapter_cls.family)
-        if site is Site.CONNECTOR and isinstance(reducer, ConnectorReducer):
-            connectors.append(reducer)  # several chain, in the order given
+        if site in chains:
+            chains[site].append(reducer)  # several chain: disjoint encoder layers, connector in the order given
             continue
         if site in by_site:
             raise ValueError(
                 f"one {site.value} reducer per model, got {by_site[site].name}, {reducer.name}; reducers compose "
-                f"across sites and chain only at the connector"
+                f"across sites; only encoder and connector reducers chain"
             )
         by_site[site] = reducer
-    if connectors:
-        by_site[Site.CONNECTOR] = connectors[0] if len(connectors) == 1 else ConnectorChain(tuple(connectors))
+    for site, chain in ((Site.ENCODER, EncoderChain), (Site.CONNECTOR, ConnectorChain)):
+        if chains[site]:
+            by_site[site] = chains[site][0] if len(chains[site]) == 1 else chain(tuple(chains[site]))
     for reducer in list(by_site.values()):
         for companion in reducer.companions():
             site = companion.sites[0]

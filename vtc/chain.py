@@ -1,20 +1,80 @@
-"""Several connector reducers in a row (docs/ARCHITECTURE.md "Reducers").
+"""Several reducers at one site (docs/ARCHITECTURE.md "Reducers").
 
-``vtc.apply(llava, "pool:tokens=144", "random:tokens=64")`` pools each image to 144 tokens, then
-keeps 64 of them at random: the reducers act in the order given, each on what the one before left.
-They must all act on the same side of the projector. Only the first may ask for signals (the
-vision tower's CLS attention belongs to its tokens, not to the ones a reducer leaves) or for the
-patch grid (after a reduction the tokens are no longer one per patch).
+Encoder: reducers acting at disjoint layers share the blocks, each reducing at its own layers:
+``vtc.apply(vit, "evit:keep=0.7,layers=3;", "tome:r=0;0;0;0;8;8;8;8;8;8;8;8")``.
+
+Connector: ``vtc.apply(llava, "pool:tokens=144", "random:tokens=64")`` pools each image to 144
+tokens, then keeps 64 of them at random: the reducers act in the order given, each on what the one
+before left. They must all act on the same side of the projector. Only the first may ask for
+signals (the vision tower's CLS attention belongs to its tokens, not to the ones a reducer leaves)
+or for the patch grid (after a reduction the tokens are no longer one per patch).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, NamedTuple
 
 import torch
 
-from vtc.sites import ConnectorInfo, ConnectorReducer, Signal, Signals
+from vtc.sites import ConnectorInfo, ConnectorReducer, EncoderInfo, EncoderReducer, Reducer, Signal, Signals
 from vtc.state import TokenState
+
+
+class _Owned(NamedTuple):
+    """A chained encoder layer's budget: which reducer acts there, with its own budget."""
+
+    owner: EncoderReducer
+    budget: Any
+
+
+class EncoderChain(EncoderReducer, register=False):
+    """Encoder reducers at disjoint layers, each reducing at the layers its plan gives it.
+
+    Every reducer plans against the encoder as applied alone (its layer and token counts), and
+    budgets that follow the tokens (keep rates, thresholds) adapt at run time to what earlier
+    layers left; a planned token count beyond what a layer still has fails at run time."""
+
+    name = "encoder-chain"
+
+    def __init__(self, reducers: tuple[EncoderReducer, ...]) -> None:
+        if len(reducers) < 2:
+            raise ValueError(f"a chain of encoder reducers needs at least two, got {len(reducers)}")
+        self.reducers = reducers
+
+    @property
+    def dynamic(self) -> bool:  # type: ignore[override]
+        return any(r.dynamic for r in self.reducers)
+
+    def describe(self) -> str:
+        return " + ".join(r.describe() for r in self.reducers)
+
+    def companions(self) -> tuple[Reducer, ...]:
+        return tuple(c for r in self.reducers for c in r.companions())
+
+    def plan(self, info: EncoderInfo) -> list[Any]:
+        plans = [r.plan(info) for r in self.reducers]
+        plan: list[Any] = [None] * info.num_layers
+        for reducer, own in zip(self.reducers, plans):
+            for layer, budget in enumerate(own):
+                if budget is None:
+                    continue
+                if plan[layer] is not None:
+                    raise ValueError(
+                        f"{plan[layer].owner.name} and {reducer.name} both reduce at layer {layer}; chained encoder "
+                        f"reducers need disjoint layers (give each its layers, e.g. tome:r=0;0;8;8 or evit:layers=1;)"
+                    )
+                plan[layer] = _Owned(reducer, budget)
+        return plan
+
+    def needs_for(self, budget: _Owned) -> frozenset[Signal]:
+        return budget.owner.needs_for(budget.budget)
+
+    def tokens_after(self, num_tokens: int, n_prefix: int, budget: _Owned) -> int:
+        return budget.owner.tokens_after(num_tokens, n_prefix, budget.budget)
+
+    def reduce(self, state: TokenState, signals: Signals, budget: _Owned, layer: int) -> TokenState:
+        return budget.owner.reduce(state, signals, budget.budget, layer)
 
 
 class ConnectorChain(ConnectorReducer, register=False):

@@ -58,7 +58,7 @@ def analytic_flops(adapter: EncoderAdapter, token_counts: Sequence[int] | None =
         flops = 2 * n_in * per_token_params(attention) + 4 * n_in * n_in * heads * head_dim
         flops += 2 * n_out * per_token_params(mlp)
         if adapter.plan[index] is not None:
-            needs = adapter.reducer.needs
+            needs = adapter.reducer.needs_for(adapter.plan[index])
             if Signal.KEY_MEAN in needs:
                 flops += 2 * math.ceil(n_in / 2) * (n_in // 2) * head_dim
             if Signal.CLS_ATTN in needs:

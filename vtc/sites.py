@@ -142,6 +142,10 @@ class EncoderReducer(Reducer):
     def reduce(self, state: TokenState, signals: Signals, budget: Any, layer: int) -> TokenState:
         raise NotImplementedError
 
+    def needs_for(self, budget: Any) -> frozenset[Signal]:
+        """The signals a block with ``budget`` computes for :meth:`reduce` (default: ``needs``)."""
+        return self.needs
+
     def token_counts(self, info: EncoderInfo, plan: list[Any]) -> list[int]:
         """Tokens entering each block and leaving the last one (length L + 1)."""
         counts = [info.num_tokens]
