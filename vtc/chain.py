@@ -31,9 +31,10 @@ class _Owned(NamedTuple):
 class EncoderChain(EncoderReducer, register=False):
     """Encoder reducers at disjoint layers, each reducing at the layers its plan gives it.
 
-    Every reducer plans against the encoder as applied alone (its layer and token counts), and
-    budgets that follow the tokens (keep rates, thresholds) adapt at run time to what earlier
-    layers left; a planned token count beyond what a layer still has fails at run time."""
+    Every reducer plans (and checks its budget) against the encoder as applied alone; at run time
+    each meets the tokens earlier layers left as it would its own: keep rates and thresholds follow
+    the count, ToMe caps ``r`` at half the mergeable tokens (``strict`` refuses), EViT keeps at most
+    what is there, and pooling refuses tokens no longer on the patch grid."""
 
     name = "encoder-chain"
 
