@@ -10,7 +10,10 @@ import tolerance
 import torch
 
 import vtc
+from vtc.reducers import HoloV
 from vtc.reducers.holov import _by_crop, band_crops, block_crops, crop_quotas, default_crops, holov_keep, similarity_variance
+from vtc.sites import Signals
+from vtc.state import TokenState
 
 
 def _keep(x, attention, k, crops, real=None, **options):
@@ -240,8 +243,6 @@ CODE_OPTIONS = dict(lam=0.09, rank="attention", order="code")  # the LLaVA code'
 
 def _emitted(reducer, x, attention, k):
     """Per row, the token indices ``reducer`` keeps, in the order they leave the connector."""
-    from vtc.sites import Signals
-    from vtc.state import TokenState
 
     batch, n, _ = x.shape
     state = TokenState.start(torch.cat([torch.zeros_like(x[:, :1]), x], dim=1), 1, None)
@@ -332,3 +333,21 @@ def test_code_configuration_keeps_the_official_sets_and_order():
             compared += 1
             whole += any(q == s for q, s in zip(reference.quotas, reference.sizes))
     assert compared >= 300 and whole >= 50, (compared, whole)
+
+
+def test_each_image_of_a_padded_batch_gets_its_own_crop_count():
+    """After DyMU images bring different counts; the default crop count follows each image's own
+    count (16 and 10 tokens at k=4: 7 and 4 crops), so every image keeps what it keeps alone."""
+    torch.manual_seed(0)
+    rows = [torch.randn(1, 17, 8), torch.randn(1, 11, 8)]  # CLS + 16, CLS + 10
+    attention = [torch.rand(1, 17), torch.rand(1, 11)]
+    padded = torch.cat([rows[0], torch.nn.functional.pad(rows[1], (0, 0, 0, 6))])
+    valid = torch.arange(17).expand(2, 17) < torch.tensor([[17], [11]])
+    batch = TokenState(x=padded, size=None, origin=torch.arange(17).expand(2, 17).clone(), valid=valid, n_prefix=1, grid=None)
+    reducer = HoloV(k=4)
+    together = reducer.reduce_visual(batch, Signals(cls_attn=torch.cat([attention[0], torch.nn.functional.pad(attention[1], (0, 6))])),
+                                     torch.tensor([4, 4]))
+    for row, (x, cls_attn) in enumerate(zip(rows, attention)):
+        single = TokenState(x=x, size=None, origin=torch.arange(x.shape[1])[None], valid=None, n_prefix=1, grid=None)
+        alone = reducer.reduce_visual(single, Signals(cls_attn=cls_attn), torch.tensor([4]))
+        assert torch.equal(together.x[row, :5], alone.x[0])

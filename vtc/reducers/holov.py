@@ -42,7 +42,11 @@ Paper rules by default, departures and code variants named:
   features' own dtype (half precision under LLaVA's fp16 inference) and ``x / (|x| + eps)``, and
   breaks exact ties by ``topk``'s order where vtc takes the lower index;
 * on LLaVA-NeXT the budget is split between the base view and the high-resolution map in
-  proportion to their sizes (vtc's connector rule) instead of pruning their concatenation at once.
+  proportion to their sizes (vtc's connector rule) instead of pruning their concatenation at once,
+  and the ``image_newline`` tokens stay (the code drops them);
+* the default crop count follows each image's own token count (after DyMU images differ), so a
+  padded batch keeps what each image keeps alone;
+* the paper's visual-context refetching (App. D) is not implemented.
 
 With ``crops=16, lam=0.09, rank=attention, order=code, variance=code`` (the LLaVA code's settings)
 vtc keeps the code's tokens in the code's order on every image where the code neither loses
@@ -74,9 +78,10 @@ def default_crops(num_tokens: int, k: int) -> int:
     return max(1, min(num_tokens, (1024 * num_tokens) // (576 * k)))
 
 
-def band_crops(real: torch.Tensor, crops: int) -> torch.Tensor:
-    """(B, N) crop of every real token: ``crops`` contiguous runs of its row's real tokens in
-    order, sizes differing by at most one (the first runs larger); -1 for padding."""
+def band_crops(real: torch.Tensor, crops: int | torch.Tensor) -> torch.Tensor:
+    """(B, N) crop of every real token: ``crops`` (or ``crops[b]``, a (B, 1) tensor) contiguous
+    runs of its row's real tokens in order, sizes differing by at most one (the first runs
+    larger); -1 for padding."""
     count = real.sum(dim=1, keepdim=True)
     position = real.long().cumsum(dim=1) - 1
     base, extra = count // crops, count % crops
@@ -298,13 +303,16 @@ class HoloV(ConnectorReducer):
         counts = real.sum(dim=1)
         if bool((targets >= counts).all()):
             return state  # every token stays, in raster order
-        crops = self.crop_count(int(counts.min()), int(targets.max()))
+        per_image = [self.crop_count(int(n), int(k)) for n, k in zip(counts.tolist(), targets.tolist())]
+        crops = max(per_image)  # each image its own crop count, as alone: fewer crops leave the last ones empty
         if self.shape == "blocks":
             if state.grid is None:
                 raise ValueError("holov: shape=blocks needs the patch grid (no encoder reducer before it)")
+            if min(per_image) != crops:
+                raise ValueError(f"holov: shape=blocks needs one crop count for the batch, got {per_image}")
             crop = block_crops(real, state.grid, crops)
         else:
-            crop = band_crops(real, crops)
+            crop = band_crops(real, torch.tensor(per_image, device=x.device)[:, None])
         if self.order == "code" and bool((targets != targets[0]).any()):
             raise ValueError("holov: order=code needs the same k for every image")
         keep, ranking = holov_keep(x, attention, real, targets, crop, crops, self.lam, self.tau, self.rank, self.variance)

@@ -6,7 +6,9 @@ ToMe. Prefix tokens are kept. Inside an encoder it needs the patch tokens in ras
 earlier reduction).
 
 On a vision-language model it acts at the connector by default (2-D average pooling of each
-image's feature grid before the projector, as in M3); ``site=encoder`` pools inside the tower.
+image's feature grid before the projector, as the M3 paper describes pooling the CLIP tokens; M3's
+released code and checkpoints pool the projector's outputs instead, which differs because the
+projector is non-linear); ``site=encoder`` pools inside the tower.
 At the connector it composes with an encoder reducer (``needs_grid``): the adapter first lays the
 reduced tokens back on the patch grid through ``origin`` (:func:`vtc.grid.lay_on_grid`), so each
 patch position holds the token carrying it. A pooled cell is then the mean over its surviving

@@ -14,8 +14,9 @@ official code does.
 Departures from the official code, all deliberate:
 * a batch gives exactly the merges, order and features of single-image runs: exact division by
   sizes (the official batch path divides by ``size + 1e-4``), stable sorts (the official re-packing
-  sort is unstable), the per-image cap of the single-image path in batches too (the official batch
-  path has none); an image with no edge above tau in a block keeps its order;
+  sort is unstable), the single-image path's limit of half the mergeable tokens per image in
+  batches too (the official batch path has none; not the ``cap`` option); an image with no edge
+  above tau in a block keeps its order;
 * without a CLS token (SigLIP) the unmerged A tokens keep their index order; the official
   single-image path leaves them in descending-score order (ToMe's code re-sorts them by index only
   when there is a class token), which changes the next block's A/B split;
