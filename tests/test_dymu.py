@@ -374,3 +374,19 @@ def test_threshold_matching_on_one_token_is_the_identity(n_prefix):
     metric = torch.randn(2, n, 4)
     dest, real, n_out = bipartite_threshold_matching(metric, -1.0, n_prefix)
     assert torch.equal(dest, torch.arange(n).expand(2, n)) and real.tolist() == [n, n] and n_out == n
+
+
+def test_a_calibration_object_is_used_as_its_folder_is_and_realised_counts_it_so(tmp_path, timm_vit):
+    model = timm_vit("plain")
+    result = calibrate(model, varied_images(), "mid", batch_size=3, cap=1.5, progress=False)
+    assert result.cap == 1.5 and load_calibration(result.save(tmp_path / "cal")).cap == 1.5
+    x = varied_images()
+    with torch.no_grad():
+        with vtc.apply(model, vtc.DyMU(calibration=result, cap=1.5)) as handle:
+            from_object = model(x)
+            counts = handle.image_token_counts[:, -1] - 1  # patch tokens leaving the last block
+        with vtc.apply(model, vtc.DyMU(calibration=str(tmp_path / "cal"), cap=1.5)):
+            from_folder = model(x)
+    assert torch.equal(from_object, from_folder)
+    assert result.realised == float(counts.float().mean())  # the calibration images, counted as used
+    assert "calibration=<DyMU calibration of" in vtc.DyMU(calibration=result).describe()

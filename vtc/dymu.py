@@ -126,9 +126,9 @@ def calibrate(
         encoder={"family": info.family, "num_layers": info.num_layers, "num_tokens": info.num_tokens,
                  "n_prefix": info.n_prefix},
         model_id=info.model_id, preset=target if isinstance(target, str) else None,
-        images=int(seen_t.item()), batch_size=batch_size,
+        images=int(seen_t.item()), batch_size=batch_size, cap=cap,
     )
-    reducer = DyMU(thresholds=tuple(result.thresholds), vtu="off")
+    reducer = DyMU(calibration=result, cap=cap, vtu="off")  # counted as the calibration will be used
 
     def realised(given) -> torch.Tensor:
         counts = token_counts(model, reducer, given, batch_size, progress)

@@ -42,7 +42,8 @@ class Calibration:
     ``merges`` are the per-layer average merges per image (``r_l``; 0: the layer never merges,
     stored with threshold 1). ``target`` is the average patch tokens (prefix excluded) leaving the
     last layer that calibration aimed at; ``realised`` the average the thresholds give on the
-    calibration images, ``held_out`` / ``held_out_std`` on other images when given.
+    calibration images (used as ``DyMU(calibration=..., cap=cap)``), ``held_out`` /
+    ``held_out_std`` on other images when given; ``cap`` the per-image cap ratio calibration used.
     """
 
     thresholds: list[float]
@@ -57,6 +58,10 @@ class Calibration:
     realised: float | None = None
     held_out: float | None = None
     held_out_std: float | None = None
+    cap: float | None = None
+
+    def __str__(self) -> str:
+        return f"<DyMU calibration of {self.model_id or 'an encoder'}, {self.target:g} tokens>"
 
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write ``thresholds.safetensors`` and ``dymu.json`` into ``folder``; an existing
@@ -120,8 +125,11 @@ def load_calibration(name_or_path: str | Path, shipped: Path | None = None) -> C
     )
 
 
-def find_calibration(info: EncoderInfo, calibration: str | None, preset: str | None) -> Calibration:
-    """The calibration a DyMU reducer names, checked against the encoder it is applied to."""
+def find_calibration(info: EncoderInfo, calibration: str | Calibration | None, preset: str | None) -> Calibration:
+    """The calibration a DyMU reducer gives or names, checked against the encoder it is applied to."""
+    if isinstance(calibration, Calibration):
+        calibration.check(info, "given")
+        return calibration
     if calibration is not None:
         found = load_calibration(calibration, info.shipped)
         found.check(info, repr(calibration))

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
 from vtc.merge import bipartite_threshold_matching, merge_tokens
-from vtc.reducers.dymu.calibration import PRESETS, find_calibration
+from vtc.reducers.dymu.calibration import PRESETS, Calibration, find_calibration
 from vtc.reducers.dymu.unmerge import VirtualUnmerge
 from vtc.sites import EncoderInfo, EncoderReducer, Reducer, Signal, Signals
 from vtc.state import TokenState
@@ -63,8 +63,8 @@ class DyMU(EncoderReducer):
     Args:
         thresholds: one float in [-1, 1] for every block, or one per block (``1`` = the block
             never merges, ``-1`` = it merges the most it can).
-        calibration: name or folder of a saved calibration
-            (:func:`~vtc.reducers.dymu.calibration.load_calibration`).
+        calibration: a :class:`~vtc.reducers.dymu.calibration.Calibration`, or the name or folder
+            of a saved one (:func:`~vtc.reducers.dymu.calibration.load_calibration`).
         preset: ``low`` | ``mid`` | ``high``: the calibration shipped for this model at that
             preset (the paper's low / mid / high; :data:`~vtc.reducers.dymu.calibration.PRESETS`).
         cap: the optional per-image cap ``int(cap * r_l)`` merges per block, ``r_l`` being the
@@ -79,7 +79,7 @@ class DyMU(EncoderReducer):
     dynamic: ClassVar[bool] = True
 
     thresholds: float | tuple[float, ...] | None = None
-    calibration: str | None = None
+    calibration: str | Calibration | None = None
     preset: str | None = None
     cap: float | None = None
     prop_attn: bool = True
@@ -89,8 +89,8 @@ class DyMU(EncoderReducer):
         given = [name for name in ("thresholds", "calibration", "preset") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(
-                f"dymu: give exactly one of thresholds (one float or one per layer), calibration (a saved "
-                f"calibration's name or folder) or preset ({'|'.join(PRESETS)}); got {given or 'none'}"
+                f"dymu: give exactly one of thresholds (one float or one per layer), calibration (a calibration "
+                f"or a saved one's name or folder) or preset ({'|'.join(PRESETS)}); got {given or 'none'}"
             )
         if isinstance(self.thresholds, list):
             self.thresholds = tuple(self.thresholds)
