@@ -307,3 +307,20 @@ def test_forward_intermediates_is_refused_while_reducing(timm_vit, tools):
         with vtc.apply(model, "tome:r=0"):
             _, intermediates = model.forward_intermediates(tools.images(2))
     assert all(t.shape[1] == model.embed_dim for t in intermediates)
+
+
+def test_after_a_content_dependent_reducer_only_padding_aware_ones_chain(timm_vit, tools):
+    model = timm_vit("plain")
+    images = tools.images(3)
+    images[1] = images[1] * 0.01 + 1  # a flat image merges more: per-image counts differ
+    with torch.no_grad(), vtc.apply(model, "dymu:thresholds=0.5;1;1;1", "tome:r=0;0;4;4") as handle:
+        batch = model(images)
+        counts = handle.image_token_counts[:, 1].tolist()
+        singles = torch.cat([model(image[None]) for image in images])
+    assert len(set(counts)) > 1
+    tolerance.assert_close(batch, singles, terms=tools.vit_terms)
+    for later in ("evit:keep=0.5,layers=2;", "random:keep=0.5,layers=2;"):
+        with pytest.raises(ValueError, match="per-image token counts as one padded width"):
+            vtc.apply(model, "dymu:thresholds=0.5;1;1;1", later)
+    with vtc.apply(model, "evit:keep=0.5,layers=0;", "dymu:thresholds=1;0.5;1;1"):  # before it is fine
+        pass

@@ -31,7 +31,9 @@ class _Owned(NamedTuple):
 class EncoderChain(EncoderReducer, register=False):
     """Encoder reducers at disjoint layers, each reducing at the layers its plan gives it.
 
-    Every reducer plans (and checks its budget) against the encoder as applied alone; at run time
+    After a reducer whose counts follow the image (DyMU) only reducers that take a padded batch
+    (``takes_padding``: ToMe, DyMU) may act, so a batch still equals single images. Every reducer
+    plans (and checks its budget) against the encoder as applied alone; at run time
     each meets the tokens earlier layers left as it would its own: keep rates and thresholds follow
     the count, ToMe caps ``r`` at half the mergeable tokens (``strict`` refuses), EViT keeps at most
     what is there, and pooling refuses tokens no longer on the patch grid."""
@@ -66,6 +68,17 @@ class EncoderChain(EncoderReducer, register=False):
                         f"reducers need disjoint layers (give each its layers, e.g. tome:r=0;0;8;8 or evit:layers=1;)"
                     )
                 plan[layer] = _Owned(reducer, budget)
+        dynamic = None  # the first reducer whose counts follow the image, once it has acted
+        for layer, owned in enumerate(plan):
+            if owned is None:
+                continue
+            if dynamic is not None and not owned.owner.takes_padding:
+                raise ValueError(
+                    f"{owned.owner.name} at layer {layer} would meet {dynamic.name}'s per-image token counts as one "
+                    f"padded width, so a batch would differ from single images; give it layers before {dynamic.name}'s"
+                )
+            if owned.owner.dynamic and dynamic is None:
+                dynamic = owned.owner
         return plan
 
     def needs_for(self, budget: _Owned) -> frozenset[Signal]:

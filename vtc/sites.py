@@ -129,6 +129,7 @@ class EncoderReducer(Reducer):
     sites: ClassVar[tuple[Site, ...]] = (Site.ENCODER,)
     needs: ClassVar[frozenset[Signal]] = frozenset()
     dynamic: ClassVar[bool] = False  # token counts depend on the image (planned counts are upper bounds)
+    takes_padding: ClassVar[bool] = False  # reduce() handles per-image counts (a padded batch, valid marks)
 
     def plan(self, info: EncoderInfo) -> list[Any]:
         """One budget per layer (None: the layer does not reduce). Raises ValueError when the

@@ -56,6 +56,7 @@ class ToMe(EncoderReducer):
 
     name: ClassVar[str] = "tome"
     needs: ClassVar[frozenset[Signal]] = frozenset({Signal.KEY_MEAN})
+    takes_padding: ClassVar[bool] = True
 
     r: int | tuple[int, ...] = expects("a non-negative integer (or a ;-separated list of them)", default=0)
     schedule: str = "constant"

@@ -77,6 +77,7 @@ class DyMU(EncoderReducer):
     name: ClassVar[str] = "dymu"
     needs: ClassVar[frozenset[Signal]] = frozenset({Signal.KEY_MEAN})
     dynamic: ClassVar[bool] = True
+    takes_padding: ClassVar[bool] = True
 
     thresholds: float | tuple[float, ...] | None = None
     calibration: str | Calibration | None = None
