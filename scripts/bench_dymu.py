@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import vtc
-from vtc.cli import positive_int, prepare_output
+from vtc.commands.common import positive_int, prepare_output
 from vtc.data import shapes
 from vtc.data.training import pixels
 from vtc.dymu import PRESETS, calibrate, load_calibration, merge_schedule, token_counts

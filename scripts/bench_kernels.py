@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from vtc.cli import prepare_output
+from vtc.commands.common import prepare_output
 from vtc.kernels import merge_weighted, triton_available, use_backend
 from vtc.measure import time_calls
 from vtc.merge import bipartite_soft_matching

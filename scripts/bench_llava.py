@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 import vtc
-from vtc.cli import prepare_output
+from vtc.commands.common import prepare_output
 from vtc.measure_vlm import profile, time_stages
 
 SHAPES = {

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 import vtc
-from vtc.cli import OutputDirError, output_dir
+from vtc.commands.common import OutputDirError, output_dir
 from vtc.demo import load_samples, to_batch
 from vtc.measure import analytic_flops, compare, fidelity, time_calls
 

@@ -5,7 +5,8 @@ import csv
 import pytest
 from PIL import Image
 
-from vtc.cli import main, output_dir
+from vtc.cli import main
+from vtc.commands.common import output_dir
 from vtc.demo import QUICK_SPECS, compact_counts
 
 FAMILIES = ("tome", "evit", "random", "pool")

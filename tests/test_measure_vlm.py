@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import llava_models as lm
 import pytest
 import torch
 
 import vtc
 from vtc.measure_vlm import answer_fidelity, profile
+from vtc.train.shapes_llava_model import CHAT_TEMPLATE
 
 NEXT_SIZES = [(64, 32), (32, 32)]
 
@@ -64,16 +67,36 @@ def test_answer_helper_matches_generate_and_batches(llava):
     model, processor = llava
     images = lm.images(3, seed=5)
     questions = ["what is in the picture ?", "describe this image in detail please .", "how many objects are there ?"]
-    prompts = [f"USER: {q} ASSISTANT:" for q in questions]  # no placeholder: vtc.answer adds it
+    prompts = [f"USER: <image>\n{q} ASSISTANT:" for q in questions]
     with vtc.apply(model, "pool:tokens=4"):
         together = vtc.answer(model, processor, images, prompts, max_new_tokens=4)
         one_by_one = vtc.answer(model, processor, images, prompts, max_new_tokens=4, batch_size=1)
-        inputs = processor(images=images[:1], text=["<image>\n" + prompts[0]], return_tensors="pt")
+        inputs = processor(images=images[:1], text=prompts[:1], return_tensors="pt")
         manual = model.generate(**inputs, max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1]:]
     assert together == one_by_one
     assert together[0] == processor.tokenizer.decode(manual[0], skip_special_tokens=True).strip()
     with pytest.raises(ValueError, match="one image .* per prompt"):
         vtc.answer(model, processor, images[:2], prompts)
+
+
+def test_answer_wraps_a_bare_question_in_the_chat_template(llava):
+    """A bare question goes through the processor's chat template (LLaVA-1.5's "USER: <image>\\n...
+    ASSISTANT:"), giving the same answers as the full prompt; without a template it is refused."""
+    model, processor = llava
+    images = lm.images(2, seed=3)
+    questions = ["what is in the picture ?", "how many objects are there ?"]
+    with pytest.raises(ValueError, match="no chat template"):
+        vtc.answer(model, processor, images, questions)
+    templated = copy.copy(processor)
+    templated.chat_template = CHAT_TEMPLATE
+    bare = vtc.answer(model, templated, images, questions, max_new_tokens=4)
+    full = vtc.answer(model, processor, images, [f"USER: <image>\n{q} ASSISTANT:" for q in questions], max_new_tokens=4)
+    assert bare == full
+    with pytest.raises(ValueError, match="holds 1 <image> tokens for 2 images"):
+        vtc.answer(model, templated, [images], ["USER: <image>\nboth ? ASSISTANT:"])
+    assert vtc.answer(model, templated, [], []) == []
+    with pytest.raises(TypeError, match="got None"):
+        vtc.answer(model, templated, None, questions)
 
 
 def test_time_stages_interleaves_configurations_and_leaves_the_model_clean(llava):

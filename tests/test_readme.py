@@ -1,4 +1,5 @@
-"""Every python example in README.md and the method notes (docs/methods/) runs, as written, offline.
+"""Every python example in README.md, the user guide (docs/guide.md) and the method notes
+(docs/methods/) runs, as written, offline; so does every ``vtc`` command of the guide.
 
 The examples load hub checkpoints by name (``timm.create_model(..., pretrained=True)``,
 ``from_pretrained("llava-hf/...")``). Here those names resolve to tiny stand-ins with the same
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+import shlex
 
 import llava_models as lm
 import pytest
@@ -19,8 +21,11 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-DOCS = [README, *sorted((ROOT / "docs" / "methods").glob("*.md"))]
+GUIDE = ROOT / "docs" / "guide.md"
+DOCS = [README, GUIDE, *sorted((ROOT / "docs" / "methods").glob("*.md"))]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+SHELL = re.compile(r"^```bash\n(.*?)^```", re.MULTILINE | re.DOTALL)
+COMMANDS = [line for block in SHELL.findall(GUIDE.read_text()) for line in block.splitlines() if line.startswith("vtc ")]
 
 # timm name -> create_model overrides: the real depth, patch and image size, a tiny width
 TIMM_STAND_INS = {"vit_small_patch16_224": dict(embed_dim=48, num_heads=3)}
@@ -129,3 +134,15 @@ def test_readme_example_runs(doc, line, code, stand_ins, monkeypatch, tmp_path, 
         assert printed.startswith("[197, 184, ") and "41]" in printed.splitlines()[0]
     if "print(handle.visual_tokens)" in code:
         assert "[64, 64]" in printed.splitlines()[0]  # pooled to 64 tokens per image, as the comment says
+
+
+def test_the_guide_has_a_command_for_every_face():
+    assert {shlex.split(line)[1] for line in COMMANDS} >= {"bench", "tune", "calibrate", "viz", "eval"}
+
+
+@pytest.mark.parametrize("line", COMMANDS, ids=[shlex.split(line)[1] for line in COMMANDS])
+def test_guide_command_runs(line, monkeypatch, tmp_path):
+    from vtc.cli import main
+
+    monkeypatch.chdir(tmp_path)  # commands write their outputs here
+    assert main(shlex.split(line)[1:]) == 0

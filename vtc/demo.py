@@ -38,7 +38,7 @@ SAMPLE_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemist
 SHAPES_MODELS = ("shapes-vit", "shapes-llava")
 SAMPLE_MODELS = ("timm", "open_clip")
 MODELS = SHAPES_MODELS + SAMPLE_MODELS
-QUICK_BUDGETS = (256, 64, 16)
+SHORT_BUDGETS = (256, 64, 16)  # the default and --quick demo; --full runs bench.BUDGETS
 RANKED_BUDGETS = (64,)  # budgets at which the demo ranks the reducers with a paired test
 
 # Budgets per model: ViT-S/16 has 197 tokens, ViT-B/32 only 50 (so far smaller ToMe r).
@@ -63,15 +63,17 @@ class DemoError(RuntimeError):
 @dataclass
 class DemoOptions:
     out_dir: Path
-    quick: bool = False
+    quick: bool = False  # tiny smoke test
+    full: bool = False  # the whole shapes benchmark (every budget and DyMU preset, 500 examples)
     pretrained: bool = False
     batch: int = 8
     repeats: int = 3
     warmup: int = 1
     reducers: Sequence[str] | None = None  # replaces the default budgets for every model
     models: Sequence[str] = SHAPES_MODELS
-    examples: int | None = None  # shapes test examples (default 500, or 40 with quick)
+    examples: int | None = None  # shapes test examples (default 200, 500 with full, 40 with quick)
     device: str = "cpu"
+    dtype: torch.dtype = torch.float32
     seed: int = 0
     progress: bool = True
 
@@ -219,7 +221,7 @@ def build_cases(options: DemoOptions) -> list[Case]:
         for family in [m for m in options.models if m in builders]:
             case = builders[family](options.quick, options.pretrained)
             try:
-                case.model.to(options.device)
+                case.model.to(options.device, options.dtype)
             except (RuntimeError, AssertionError, ValueError) as error:  # e.g. cuda asked for, not available
                 raise DemoError(f"cannot use device {options.device!r}: {error}") from error
             if options.reducers:
@@ -325,11 +327,12 @@ def run_shapes(options: DemoOptions, echo: Callable[[str], None]) -> tuple[list,
     """The shapes benchmark on the shipped checkpoints chosen in ``options.models``."""
     models = [m for m in options.models if m in SHAPES_MODELS]
     bench_options = bench.BenchmarkOptions(
-        examples=options.examples or (40 if options.quick else 500),
-        budgets=QUICK_BUDGETS if options.quick else bench.BUDGETS,
+        examples=options.examples or (500 if options.full else 40 if options.quick else 200),
+        budgets=bench.BUDGETS if options.full else SHORT_BUDGETS,
         reducers=() if options.reducers else bench.REDUCERS, extra_specs=list(options.reducers or ()),
-        dymu_presets=() if options.reducers else (("mid",) if options.quick else bench.DYMU_PRESETS),
-        models=models, timing_batch=options.batch, repeats=options.repeats, progress=options.progress)
+        dymu_presets=() if options.reducers else (bench.DYMU_PRESETS if options.full else ("mid",)),
+        models=models, timing_batch=options.batch, repeats=options.repeats, progress=options.progress,
+        device=options.device, dtype=options.dtype)
     echo(f"vtc demo: shapes benchmark on {', '.join(models)}: the first {bench_options.examples} test examples, "
          f"budgets {'/'.join(map(str, bench_options.budgets))} visual tokens of 256, timing batch {options.batch}, "
          f"{options.repeats} timed repeats interleaved with the unreduced model, {torch.get_num_threads()} CPU threads")
@@ -359,6 +362,8 @@ def run(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoResult
     if options.pretrained and any(m in SHAPES_MODELS for m in options.models):
         raise DemoError("--pretrained loads hub weights for timm / open_clip; the shapes models are shipped "
                         "trained: pass --models timm,open_clip with --pretrained")
+    if options.quick and options.full:
+        raise DemoError("--quick and --full ask for opposite sizes; choose one")
     if options.quick and options.pretrained:
         raise DemoError("--quick uses tiny models that have no pretrained weights; drop one of --quick/--pretrained")
     if options.batch < 1 or options.repeats < 1 or options.warmup < 0:
@@ -393,7 +398,7 @@ def run_samples(options: DemoOptions, echo: Callable[[str], None]) -> tuple[list
     rows: list[Row] = []
     pictures: list[Path] = []
     for index, case in enumerate(cases):
-        batch = to_batch(images, case.mean, case.std).to(options.device)
+        batch = to_batch(images, case.mean, case.std).to(options.device, options.dtype)
         case_rows = measure_case(case, batch, options)
         rows += case_rows
         echo(f"\n{case.name}")

@@ -28,12 +28,13 @@ from vtc.reducers.dymu.calibration import (
     TENSORS,
     Calibration,
     CalibrationRecorder,
+    MergeScheduleError,
     merge_schedule,
 )
 from vtc.reducers.dymu.calibration import load_calibration as _load
 
-__all__ = ["CONFIG", "PRESETS", "SCHEDULES", "TENSORS", "Calibration", "calibrate", "load_calibration",
-           "merge_schedule", "token_counts"]
+__all__ = ["CONFIG", "PRESETS", "SCHEDULES", "TENSORS", "Calibration", "MergeScheduleError", "calibrate",
+           "load_calibration", "merge_schedule", "token_counts"]
 
 
 def load_calibration(name_or_path: str | Path) -> Calibration:

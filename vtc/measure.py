@@ -67,6 +67,15 @@ def analytic_flops(adapter: EncoderAdapter, token_counts: Sequence[int] | None =
     return FlopReport(list(token_counts), adapter.stem_flops(), blocks, adapter.head_flops(token_counts[-1]))
 
 
+def image_flops(handle) -> float:
+    """Analytic FLOPs per image of the last forward of a model with vtc applied (``handle``): under a
+    dynamic reducer (DyMU) the mean of each image's FLOPs at its own counts, not the padded batch width."""
+    per_image = handle.adapter.image_token_counts
+    if handle.adapter.reducer is not None and handle.adapter.reducer.dynamic and per_image is not None:
+        return statistics.fmean(analytic_flops(handle.adapter, row.tolist()).total for row in per_image)
+    return analytic_flops(handle.adapter, handle.token_counts).total
+
+
 @dataclass
 class Timing:
     """Wall-clock seconds per call: median of ``repeats`` after ``warmup`` calls."""
@@ -172,12 +181,7 @@ def compare(model: nn.Module, reducer, images: torch.Tensor, warmup: int = 2, re
         try:
             reduced = run(model, images)
             counts = handle.token_counts
-            per_image = handle.adapter.image_token_counts
-            if handle.adapter.reducer is not None and handle.adapter.reducer.dynamic and per_image is not None:
-                # per-image counts (DyMU): the mean of each image's FLOPs, not the padded batch width
-                flops = round(statistics.fmean(analytic_flops(handle.adapter, row.tolist()).total for row in per_image))
-            else:
-                flops = analytic_flops(handle.adapter, counts).total
+            flops = round(image_flops(handle))
             spec = handle.reducers[0].describe() if handle.reducers else "none"
             timing, timing_reference = time_calls(
                 [lambda: run(model, images), lambda: run(baseline, images)], warmup, repeats, images.device

@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image
 from tqdm import tqdm
 
@@ -106,6 +107,8 @@ class BenchmarkOptions:
     progress: bool = True
     extra_specs: Sequence[str] = ()  # more spec strings, run on every model (budget column "-")
     dymu_presets: Sequence[str] = DYMU_PRESETS  # shipped DyMU calibrations to run (empty: none)
+    device: str = "cpu"
+    dtype: torch.dtype = torch.float32
 
 
 def geometric_counts(start: int, end: int, steps: int) -> list[int]:
@@ -176,7 +179,8 @@ def _stats(values: Sequence[float]) -> tuple[float, float]:
 def _vit_rows(ckpt, examples, specs: list[tuple[str, int, str]], options: BenchmarkOptions, step: Callable) -> list[Row]:
     model = ckpt.model
     full = classifier_scores(model, examples, options.batch_size)
-    images = pixels([e.image for e in examples[:options.timing_batch]])
+    parameter = next(model.parameters())
+    images = pixels([e.image for e in examples[:options.timing_batch]]).to(parameter.device, parameter.dtype)
     rows, base_latency = [], []
     for reducer, budget, spec in specs:
         with vtc.apply(model, spec) as handle:
@@ -201,7 +205,7 @@ def _vlm_rows(ckpt, examples, specs: list[tuple[str, int, str]], options: Benchm
     timing = examples[:options.timing_batch]
     saved_side, processor.tokenizer.padding_side = processor.tokenizer.padding_side, "left"
     inputs = processor(images=[Image.fromarray(e.image) for e in timing], text=[e.prompt for e in timing],
-                       padding=True, return_tensors="pt")
+                       padding=True, return_tensors="pt").to(model.device)
     processor.tokenizer.padding_side = saved_side
     configs = [("none", 256, None)] + specs
     measured = []
@@ -235,12 +239,17 @@ def run(options: BenchmarkOptions) -> list[Row]:
     if unknown:
         raise ValueError(f"budget(s) {unknown} outside 1..256 (the visual tokens of a shapes image)")
     rows: list[Row] = []
-    loaded = [zoo.load(name) for name in options.models]
+    loaded = [zoo.load(name, options.device) for name in options.models]
     plans = []
     for ckpt in loaded:
         kind = ckpt.kind
-        specs = [(r, b, budget_spec(r, b, kind, layers=_depth(ckpt))) for r in options.reducers for b in options.budgets
-                 if kind == "llava" or r not in CONNECTOR_ONLY]
+        ckpt.model.to(options.dtype)
+        runnable = [r for r in options.reducers if kind == "llava" or r not in CONNECTOR_ONLY]
+        if options.reducers and not runnable:
+            raise ValueError(f"{', '.join(options.reducers)} act only at a LLaVA connector and {ckpt.name} is a ViT "
+                             f"classifier without one: add shapes-llava to the models, or choose from "
+                             f"{', '.join(r for r in REDUCERS if r not in CONNECTOR_ONLY)}")
+        specs = [(r, b, budget_spec(r, b, kind, layers=_depth(ckpt))) for r in runnable for b in options.budgets]
         specs += dymu_specs(ckpt, options.dymu_presets)
         specs += [(vtc.parse_reducer(s).name, -1, s) for s in options.extra_specs]
         plans.append(specs)

@@ -66,9 +66,9 @@ def vlm_scores(model: nn.Module, processor, batch: Sequence[shapes.Example], bat
 @torch.inference_mode()
 def classifier_scores(model: nn.Module, batch: Sequence[shapes.Example], batch_size: int = 100) -> Scores:
     """Digit predictions of a shapes classifier (the classification view)."""
-    device = next(model.parameters()).device
+    parameter = next(model.parameters())
     predicted = []
     for start in range(0, len(batch), batch_size):
         chunk = batch[start:start + batch_size]
-        predicted += model(pixels([e.image for e in chunk]).to(device)).argmax(-1).tolist()
+        predicted += model(pixels([e.image for e in chunk]).to(parameter.device, parameter.dtype)).argmax(-1).tolist()
     return Scores(["digit"] * len(batch), [str(e.label) for e in batch], [str(p) for p in predicted])

@@ -14,7 +14,13 @@ Two stages, one resumable run (:mod:`vtc.train.loop`):
    answer the question (:func:`vtc.data.shapes.evidence`): at the question's last word (before
    "?") in decoder layer ``word_attention_layer``, so the retrieval is one hop from the words that
    name what to look for, and at the answer position in layer ``attention_layer``. This stage
-   runs eager attention (it reads attention weights); the model is saved for SDPA.
+   runs eager attention (it reads attention weights); the model is saved for SDPA. With
+   ``joint_tower_lr > 0`` the tower keeps training here, end to end under the answer loss and
+   anchored by the dense per-patch loss of stage 1.
+
+A run may start from the weights of another run's saved state (``init``: its model and dense
+heads, not its optimizer), e.g. to continue a finished run under a new schedule; ``image_offset``
+then moves it onto train images that run did not see.
 
 Every image comes from the train split in order (``step * batch + i``), every random choice from
 one numpy generator and torch's generator, both saved with the state, so a resumed run is bit for
@@ -30,13 +36,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_model
 
 from vtc.data import shapes
 from vtc.data.evaluate import vlm_scores
 from vtc.data.training import NO_DIGIT, TARGET_CLASSES, cosine_lr, patch_targets, pixels
 from vtc.models.zoo import write_card
 from vtc.train.shapes_llava_model import ShapesLlavaShape, build
-from vtc.train.trainer import RunOptions, Trainer
+from vtc.train.trainer import STATE_DIR, RunOptions, Trainer
 
 BOOST = {"kind": 3.0, "color": 3.0, "cell": 3.0, "count": 3.0, "digit": 9.0}  # weight of object patches
 
@@ -59,6 +66,9 @@ class ShapesLlavaRecipe:
     word_attention_layer: int = 1  # ... in this decoder layer
     weight_decay: float = 0.05
     seed: int = 0
+    init: str = ""  # a saved training state (folder holding weights.safetensors) to start from; "" = fresh
+    joint_tower_lr: float = 0.0  # peak tower learning rate in the vlm stage (0 = frozen tower)
+    image_offset: int = 0  # index of the first train image used
 
     @property
     def steps(self) -> int:
@@ -146,6 +156,16 @@ def dense_loss(heads: torch.nn.ModuleDict, patches: torch.Tensor, batch, patch: 
     return total
 
 
+def init_weights(init: str) -> Path:
+    """The ``weights.safetensors`` of a saved state, given the state folder or the run folder holding it."""
+    folder = Path(init)
+    for candidate in (folder / "weights.safetensors", folder / STATE_DIR / "weights.safetensors"):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"init {init!r} holds no saved training state (weights.safetensors, or "
+                            f"{STATE_DIR}/weights.safetensors); give a run folder or its state folder")
+
+
 class ShapesLlavaTrainer(Trainer):
     """Builds the model, runs both stages resumably and writes the checkpoint folder."""
 
@@ -170,6 +190,8 @@ class ShapesLlavaTrainer(Trainer):
                                             {"params": vlm_params, "name": "vlm"}],
                                            lr=recipe.tower_lr, weight_decay=recipe.weight_decay)
         self.tower_params, self.vlm_params = tower_params, vlm_params
+        if recipe.init:
+            load_model(self.modules, str(init_weights(recipe.init)), strict=True)
 
     @property
     def architecture(self) -> dict[str, Any]:
@@ -180,10 +202,10 @@ class ShapesLlavaTrainer(Trainer):
         r = self.recipe
         tower_stage = step < r.tower_steps
         local, total = (step, r.tower_steps) if tower_stage else (step - r.tower_steps, r.vlm_steps)
-        peak = r.tower_lr if tower_stage else r.vlm_lr
-        lr = cosine_lr(local, total, peak, warmup=min(r.warmup, max(1, total // 10)))
+        warmup = min(r.warmup, max(1, total // 10))
+        peaks = {"tower": r.tower_lr, "vlm": 0.0} if tower_stage else {"tower": r.joint_tower_lr, "vlm": r.vlm_lr}
         for group in self.optimizer.param_groups:
-            group["lr"] = lr if (group["name"] == "tower") == tower_stage else 0.0
+            group["lr"] = cosine_lr(local, total, peaks[group["name"]], warmup=warmup)
 
     def _clip_and_step(self, params: list[torch.nn.Parameter], loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -193,7 +215,7 @@ class ShapesLlavaTrainer(Trainer):
 
     def tower_step(self, step: int) -> dict[str, float]:
         r = self.recipe
-        batch = [shapes.example("train", step * r.tower_batch + i) for i in range(r.tower_batch)]
+        batch = [shapes.example("train", r.image_offset + step * r.tower_batch + i) for i in range(r.tower_batch)]
         features = self.tower(pixels([e.image for e in batch]).to(self.device)).last_hidden_state[:, 1:]
         loss = dense_loss(self.heads, features, batch, self.shape.patch)
         self._clip_and_step(self.tower_params, loss)
@@ -201,16 +223,27 @@ class ShapesLlavaTrainer(Trainer):
 
     def vlm_step(self, step: int) -> dict[str, float]:
         r = self.recipe
-        first = r.tower_steps * r.tower_batch  # the vlm stage starts on images the tower stage did not see
+        first = r.image_offset + r.tower_steps * r.tower_batch  # images the tower stage did not see
         local = step - r.tower_steps
         batch = [shapes.example("train", first + local * r.vlm_batch + i) for i in range(r.vlm_batch)]
         tokenizer = self.processor.tokenizer
         conversations = [conversation(e, tokenizer, self.image_tokens, self.rng, r.per_type) for e in batch]
         inputs = {k: v.to(self.device) for k, v in collate(conversations, tokenizer.pad_token_id).items()}
         supervised = r.attention_weight > 0 or r.word_attention_weight > 0
-        result = self.model(**inputs, pixel_values=pixels([e.image for e in batch]).to(self.device),
-                            output_attentions=supervised)
+        joint = r.joint_tower_lr > 0
+        features: list[torch.Tensor] = []
+        hook = self.tower.register_forward_hook(lambda _m, _a, out: features.append(out.last_hidden_state)) if joint else None
+        try:
+            result = self.model(**inputs, pixel_values=pixels([e.image for e in batch]).to(self.device),
+                                output_attentions=supervised)
+        finally:
+            if hook is not None:
+                hook.remove()
         loss, record = result.loss, {"answer": result.loss.item()}
+        if joint:
+            dense = dense_loss(self.heads, features[0][:, 1:], batch, self.shape.patch)
+            loss = loss + dense
+            record["dense"] = dense.item()
         rows, answers, words, masks = (t.to(self.device) for t in evidence_masks(batch, conversations, self.shape.patch))
         if supervised and len(rows):
             image_positions = (inputs["input_ids"] == self.model.config.image_token_index).nonzero()[:, 1]
@@ -221,7 +254,7 @@ class ShapesLlavaTrainer(Trainer):
                     term = attention_loss(result.attentions[layer], rows, positions, image_positions, masks)
                     loss = loss + weight * term
                     record[name] = term.item()
-        self._clip_and_step(self.vlm_params, loss)
+        self._clip_and_step(self.vlm_params + (self.tower_params if joint else []), loss)
         return record
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -230,9 +263,10 @@ class ShapesLlavaTrainer(Trainer):
             self.tower.train()
             record = self.tower_step(step)
         else:
-            self.tower.eval()
+            joint = self.recipe.joint_tower_lr > 0
+            self.tower.train(joint)
             for p in self.tower_params:
-                p.requires_grad_(False)
+                p.requires_grad_(joint)
             record = self.vlm_step(step)
         return {"lr": self.optimizer.param_groups[0 if step < self.recipe.tower_steps else 1]["lr"], **record}
 
@@ -258,7 +292,7 @@ class ShapesLlavaTrainer(Trainer):
         self.model.eval()
         scores = vlm_scores(self.model, self.processor, examples)
         self.model.train()
-        self.tower.eval()
+        self.tower.train(self.recipe.joint_tower_lr > 0)
         return {"accuracy": round(scores.accuracy, 4), "by_type": {k: round(v, 4) for k, v in scores.by_type().items()}}
 
     # ----- the checkpoint ------------------------------------------------------------------------
@@ -272,8 +306,10 @@ class ShapesLlavaTrainer(Trainer):
         r = self.recipe
         self.record(command, minutes, val_accuracy=val.accuracy, val_by_type=val.by_type(),
                     val_questions=self.options.val_examples,
-                    data=(f"vtc.data.shapes train split: tower stage indices 0 .. {r.tower_steps * r.tower_batch - 1}, "
-                          f"vlm stage the next {r.vlm_steps * r.vlm_batch}, all question types per image"))
+                    data=(f"vtc.data.shapes train split: tower stage indices {r.image_offset} .. "
+                          f"{r.image_offset + r.tower_steps * r.tower_batch - 1}, vlm stage the next "
+                          f"{r.vlm_steps * r.vlm_batch}, all question types per image"
+                          + (f"; weights initialised from {r.init}" if r.init else "")))
         return write_card(self.out, vlm_scores(self.model, self.processor,
                                                shapes.examples("test", self.options.test_examples)))
 

@@ -17,6 +17,15 @@ from vtc.data import shapes
 from vtc.data.training import MEAN, STD
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
+# The processor's chat template: a user turn of images and a question becomes exactly
+# :data:`vtc.data.shapes.PROMPT` ("USER: <image>\n{question} ASSISTANT:"), LLaVA-1.5's format.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+    "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }} {% endif %}{% endfor %}"
+    "{% else %}ASSISTANT: {% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}"
+    "{% endif %}{% endfor %}</s> {% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
 
 
 @dataclass(frozen=True)
@@ -76,5 +85,5 @@ def build(shape: ShapesLlavaShape = ShapesLlavaShape()) -> tuple[Any, Any]:
                                 image_mean=list(MEAN), image_std=list(STD), resample=3)
     processor = LlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=shape.patch,
                                vision_feature_select_strategy="default", image_token="<image>",
-                               num_additional_image_tokens=1)
+                               num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE)
     return model, processor

@@ -147,6 +147,20 @@ def find_calibration(info: EncoderInfo, calibration: str | Calibration | None, p
     return found
 
 
+class MergeScheduleError(ValueError):
+    """A target whose merges one layer cannot make (more than half its tokens); the fields let a
+    command line name its own options in the advice."""
+
+    def __init__(self, target: float, layer: int, merges: int, cap: int) -> None:
+        self.target, self.layer, self.merges, self.cap = target, layer, merges, cap
+        super().__init__(f"{self.problem}; raise the target, use schedule=linear, or pass clamp=True")
+
+    @property
+    def problem(self) -> str:
+        return (f"a target of {self.target} tokens needs {self.merges} merges in layer {self.layer}, more than half "
+                f"of the tokens it gets (at most {self.cap})")
+
+
 def merge_schedule(info: EncoderInfo, target: float | str, schedule: str, clamp: bool = False) -> tuple[float, list[int]]:
     """(target patch tokens, per-layer merges r_l) for an average ``target`` (or a preset name).
 
@@ -170,10 +184,7 @@ def merge_schedule(info: EncoderInfo, target: float | str, schedule: str, clamp:
     while (over := _first_overflow(merges, info)) is not None:
         layer, cap = over
         if not clamp or layer == 0:
-            raise ValueError(
-                f"a target of {target} tokens needs {merges[layer]} merges in layer {layer}, more than half of the "
-                f"tokens it gets (at most {cap}); raise the target, use schedule=linear, or pass clamp=True"
-            )
+            raise MergeScheduleError(target, layer, merges[layer], cap)
         excess, merges[layer] = merges[layer] - cap, cap
         for i in range(excess):
             merges[layer - 1 - i % layer] += 1
