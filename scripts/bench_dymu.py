@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import vtc
-from vtc.commands.common import positive_int, prepare_output
+from vtc.commands.common import device, positive_int, prepare_output
 from vtc.data import shapes
 from vtc.data.training import pixels
 from vtc.dymu import PRESETS, calibrate, load_calibration, merge_schedule, token_counts
@@ -175,15 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llava-batch", type=positive_int, default=1, help="LLaVA prompts per batch")
     parser.add_argument("--calibration-images", type=positive_int, default=512)
     parser.add_argument("--repeats", type=positive_int, default=5)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", type=device, metavar="DEV", default="cpu", help="cpu (default), cuda, cuda:N")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench_dymu"))
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
     out = prepare_output(parser, args.out, args.overwrite)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
-    setting = f"{device}, {args.dtype}, torch {torch.__version__}, {args.repeats} interleaved repeats"
+    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
+    setting = f"{machine}, {args.dtype}, torch {torch.__version__}, {args.repeats} interleaved repeats"
     result = {"setting": setting}
     text = [setting]
     if args.skip != "vit":

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 import vtc
-from vtc.commands.common import OutputDirError, output_dir
+from vtc.commands.common import OutputDirError, device, output_dir
 from vtc.demo import load_samples, to_batch
 from vtc.measure import analytic_flops, compare, fidelity, time_calls
 
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", metavar="N", type=int, default=2, help="untimed forwards before timing (default 2)")
     parser.add_argument("--threads", metavar="N", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--device", metavar="DEV", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    parser.add_argument("--device", type=device, metavar="DEV", default="cpu", help="cpu (default), cuda, cuda:N")
     parser.add_argument("--out", metavar="DIR", type=Path, default=Path("outputs/bench_vit"),
                         help="output folder (default outputs/bench_vit); a non-empty one gets a new "
                              "run-<timestamp> subfolder unless --overwrite")

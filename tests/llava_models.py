@@ -72,12 +72,13 @@ def build_llava(
     patch_size: int = PATCH_SIZE,
     vision_layers: int = 3,
     text_layers: int = 4,
+    chat_template: str | None = None,
 ) -> tuple[Any, Any]:
     """Build (or reuse) a tiny LLaVA ("llava") or LLaVA-NeXT ("next") under ``directory``.
 
     ``image_size``, ``patch_size``, ``vision_layers`` and ``text_layers`` give a stand-in the token
-    grid and depths of a real checkpoint (widths stay tiny). Returns ``(model, processor)`` freshly
-    loaded with ``from_pretrained`` (model in eval mode).
+    grid and depths of a real checkpoint (widths stay tiny), ``chat_template`` its processor's
+    template. Returns ``(model, processor)`` freshly loaded with ``from_pretrained`` (model in eval mode).
     """
     import transformers as tf
 
@@ -90,6 +91,8 @@ def build_llava(
     shape = dict(image_size=image_size, patch_size=patch_size, vision_layers=vision_layers, text_layers=text_layers)
     if shape != dict(image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, vision_layers=3, text_layers=4):
         params.update(shape)
+    if chat_template is not None:
+        params["chat_template"] = chat_template
     seq_length = (image_size // patch_size) ** 2
     stamp = directory / _BUILD_FILE
     if not (stamp.exists() and json.loads(stamp.read_text()) == params):
@@ -121,7 +124,7 @@ def build_llava(
         processor = proc_cls(
             image_processor=_image_processor(kind, image_size), tokenizer=tokenizer, patch_size=patch_size,
             vision_feature_select_strategy=strategy, image_token="<image>",
-            num_additional_image_tokens=1 if vision == "clip" else 0,
+            num_additional_image_tokens=1 if vision == "clip" else 0, chat_template=chat_template,
         )
         directory.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(directory)

@@ -19,6 +19,8 @@ import llava_models as lm
 import pytest
 import torch
 
+from vtc.train.shapes_llava_model import CHAT_TEMPLATE
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 GUIDE = ROOT / "docs" / "guide.md"
@@ -29,8 +31,10 @@ COMMANDS = [line for block in SHELL.findall(GUIDE.read_text()) for line in block
 
 # timm name -> create_model overrides: the real depth, patch and image size, a tiny width
 TIMM_STAND_INS = {"vit_small_patch16_224": dict(embed_dim=48, num_heads=3)}
-# hub id -> build_llava shape: llava-1.5-7b's 336 px / 14 px patches (24 x 24 grid), 24 CLIP layers, 32 Llama layers
-LLAVA_STAND_INS = {"llava-hf/llava-1.5-7b-hf": dict(image_size=336, patch_size=14, vision_layers=24, text_layers=32)}
+# hub id -> build_llava shape: llava-1.5-7b's 336 px / 14 px patches (24 x 24 grid), 24 CLIP layers, 32 Llama
+# layers, and its chat template's format ("USER: <image>\n{question} ASSISTANT:", the same as the shapes model's)
+LLAVA_STAND_INS = {"llava-hf/llava-1.5-7b-hf": dict(image_size=336, patch_size=14, vision_layers=24, text_layers=32,
+                                                    chat_template=CHAT_TEMPLATE)}
 
 
 def python_blocks(text: str) -> list[tuple[int, str]]:

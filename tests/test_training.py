@@ -53,6 +53,32 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(tmp_path):
     assert (pieces / "learning-curve.png").stat().st_size > 0
 
 
+def test_a_run_started_from_another_runs_state_trains_the_tower_jointly(tmp_path):
+    """``init`` starts from a saved state's weights; ``joint_tower_lr`` keeps the tower training
+    in the vlm stage (frozen otherwise); ``image_offset`` moves the run onto other train images."""
+    first = tmp_path / "first"
+    assert ShapesLlavaTrainer(RECIPE, first, OPTIONS, TINY).run()
+    start = load_file(str(first / "train-state" / "weights.safetensors"))
+    tower = [k for k in start if ".vision_tower." in k]
+    decoder = [k for k in start if ".language_model." in k]
+    follow = replace(RECIPE, tower_steps=0, vlm_steps=2, init=str(first), image_offset=1000)
+    frozen = ShapesLlavaTrainer(follow, tmp_path / "frozen", OPTIONS, TINY)
+    loaded = {f"model.{k}": v for k, v in frozen.model.state_dict().items()}
+    assert all(torch.equal(loaded[k], start[k]) for k in tower + decoder)  # the weights it starts from
+    assert frozen.run()
+    joint = ShapesLlavaTrainer(replace(follow, joint_tower_lr=1e-3), tmp_path / "joint", OPTIONS, TINY)
+    assert joint.run()
+    after_frozen = load_file(str(tmp_path / "frozen" / "train-state" / "weights.safetensors"))
+    after_joint = load_file(str(tmp_path / "joint" / "train-state" / "weights.safetensors"))
+    assert all(torch.equal(after_frozen[k], start[k]) for k in tower)
+    assert not all(torch.equal(after_joint[k], start[k]) for k in tower)
+    assert not all(torch.equal(after_frozen[k], start[k]) for k in decoder)
+    assert "dense" in read_log(tmp_path / "joint" / LOG)[0] and "dense" not in read_log(tmp_path / "frozen" / LOG)[0]
+    assert "initialised from" in json.loads((tmp_path / "joint" / "training.json").read_text())["data"]
+    with pytest.raises(FileNotFoundError, match="holds no saved training state"):
+        ShapesLlavaTrainer(replace(follow, init=str(tmp_path)), tmp_path / "x", OPTIONS, TINY)
+
+
 def test_resume_refuses_another_architecture_or_recipe(tmp_path):
     out = tmp_path / "run"
     assert not ShapesLlavaTrainer(RECIPE, out, replace(OPTIONS, max_minutes=1e-9), TINY).run()

@@ -1,87 +1,272 @@
-"""``vtc eval``: the shapes benchmark on the shipped checkpoints (:mod:`vtc.shapes_benchmark`), or
-with ``--cards`` a check of their cards against a fresh evaluation."""
+"""``vtc eval``: the shapes benchmark on the shipped checkpoints (:mod:`vtc.shapes_benchmark`), with
+``--cards`` a check of their cards against a fresh evaluation, or with ``--folder`` the accuracy
+harnesses on a folder of class folders (:mod:`vtc.harness`): top-1 of a classifier, or zero-shot
+classification by a CLIP-style model, unreduced and under each ``--reducer`` side by side."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
+from functools import partial
+from importlib.metadata import version
 from pathlib import Path
 
-from vtc.commands.common import add_device_options, positive_int, prepare_output, reducer_spec
+import torch
+
+from vtc import harness
+from vtc.commands.common import add_device_options, installed_version, positive_int, prepare_output, reducer_spec
+from vtc.commands.models import FORMS, ModelSpecError, load_model
 from vtc.data import shapes
 from vtc.data.evaluate import classifier_scores, vlm_scores
 from vtc.models import zoo
 from vtc.shapes_benchmark import BUDGETS, DYMU_PRESETS, REDUCERS, BenchmarkOptions, format_table, plot_pareto, run, write_csv
 
 DESCRIPTION = """\
-Every reducer at budgets of 256/128/64/32/16 visual tokens on the shipped shapes checkpoints.
+Accuracy of reducers beside the unreduced model: the shapes benchmark (default) or, with --folder,
+your own class folders.
 
-For each model (shapes-vit, shapes-llava), reducer (tome, evit, random, pool; holov on the LLaVA)
-and budget, and DyMU at its shipped presets (with and without virtual unmerging on LLaVA): test
-accuracy overall and per question type with 95% intervals, agreement with the unreduced model's
-predictions, FLOPs per image and latency measured side by side with the unreduced model. Writes
-shapes.csv and pareto.png (accuracy against visual tokens and against FLOPs) under --out.
+Shapes benchmark (without --folder): every reducer at budgets of 256/128/64/32/16 visual tokens on
+the shipped shapes checkpoints. For each model (shapes-vit, shapes-llava), reducer (tome, evit,
+random, pool; holov on the LLaVA) and budget, and DyMU at its shipped presets (with and without
+virtual unmerging on LLaVA): test accuracy overall and per question type with 95% intervals,
+agreement with the unreduced model's predictions, FLOPs per image and latency measured side by
+side with the unreduced model. Writes shapes.csv and pareto.png (accuracy against visual tokens and
+against FLOPs) under --out. With --cards it instead evaluates each model unreduced on the whole
+test split and compares the result with its shipped card.json (overall and per-type accuracy, and
+the subset's predictions example by example); --write-cards rewrites the cards from that evaluation.
 
-With --cards it instead evaluates each model unreduced on the whole test split and compares the
-result with its shipped card.json (overall and per-type accuracy, and the subset's predictions
-example by example); --write-cards rewrites the cards from that evaluation.
+Folder harness (--folder DIR --model MODEL): images in DIR/<class>/<image files> (ImageNet's and
+torchvision ImageFolder's layout).
+  - a classifier (timm): a folder's class index is its position among the sorted class folders
+    (ImageNet's sorted wnids are its 1000 classes), so DIR needs one folder per class of the model,
+    or --class-index FILE (JSON folder -> class index) for a subset; images are preprocessed with
+    the model's own transform.
+  - a CLIP-style model (open_clip, HF CLIP / SigLIP): zero-shot classification with --class-names
+    (one per line in sorted folder order, or JSON folder -> name) and prompt templates (--template,
+    --templates; default "a photo of a {}."), each class's prompt embeddings averaged as in CLIP;
+    text embeddings are computed once.
+For the unreduced model and each --reducer: top-1 with its 95% Wilson interval, agreement with the
+unreduced predictions, visual tokens leaving the encoder (prefix tokens not counted), analytic
+GFLOPs per image and FLOPs ratio, and images/s on the first batch timed in one interleaved loop
+with an unreduced copy of the model. Writes accuracy.csv and accuracy.json (spec strings, model,
+versions, options) under --out.
 
 examples:
   vtc eval --examples 1000 --out outputs/shapes
   vtc eval --models shapes-llava --reducers holov pool --budgets 128 64
-  vtc eval --models shapes-llava --spec "tome:r=16" --spec "dymu:preset=low|holov:k=64"
+  vtc eval --models shapes-llava --spec "tome:r=16" --spec "holov:k=64"
   vtc eval --cards                              # reproduce the shipped cards
+  vtc eval --model timm:vit_base_patch16_224 --pretrained --folder imagenet/val --reducer tome:r=13 --reducer evit:keep=0.7
+  vtc eval --model timm:vit_base_patch16_224 --pretrained --folder imagenet-10/ --class-index imagenet-10.json --reducer tome:r=13
+  vtc eval --model open_clip:ViT-B-32@laion2b_s34b_b79k --pretrained --folder photos/ --class-names names.txt --reducer tome:r=4
+  vtc eval --model hf:openai/clip-vit-base-patch32 --pretrained --folder photos/ --class-names names.json --templates templates.txt \\
+           --reducer tome:r=4 --batch-size 64 --device cuda --dtype bfloat16
 """
+
+# options of one mode (dest -> flag); they default to None so that giving them in the other mode is caught
+SHAPES_ONLY = {"models": "--models", "reducers": "--reducers", "budgets": "--budgets", "dymu_presets": "--dymu-presets",
+               "spec": "--spec", "examples": "--examples", "timing_batch": "--timing-batch", "cards": "--cards",
+               "write_cards": "--write-cards"}
+FOLDER_ONLY = {"model": "--model", "pretrained": "--pretrained", "reducer": "--reducer", "class_index": "--class-index",
+               "class_names": "--class-names", "template": "--template", "templates": "--templates", "batch_size": "--batch-size"}
+SHAPES_DEFAULTS = {"models": ["shapes-vit", "shapes-llava"], "reducers": list(REDUCERS), "budgets": list(BUDGETS),
+                   "dymu_presets": list(DYMU_PRESETS), "spec": [], "examples": 1000, "timing_batch": 16}
+SHAPES_OUT, FOLDER_OUT = Path("outputs/shapes"), Path("outputs/eval")
+FOLDER_BATCH = 32
 
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    parser = commands.add_parser("eval", help="accuracy, fidelity, FLOPs and speed of every reducer on the shapes models",
+    parser = commands.add_parser("eval", help="accuracy, agreement, FLOPs and speed of reducers: the shapes models, or "
+                                              "a folder of class folders (--folder)",
                                  description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("outputs/shapes"), metavar="DIR",
-                        help="folder for shapes.csv and pareto.png (default outputs/shapes); a non-empty one gets a "
-                             "new run-<timestamp> subfolder unless --overwrite")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help=f"folder for the results: shapes.csv and pareto.png (default {SHAPES_OUT}), or with --folder "
+                             f"accuracy.csv and accuracy.json (default {FOLDER_OUT}); a non-empty one gets a new "
+                             "run-<timestamp> subfolder unless --overwrite, e.g. --out outputs/imagenet-tome")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing its files")
-    parser.add_argument("--models", nargs="+", default=["shapes-vit", "shapes-llava"], metavar="NAME",
-                        help=f"shipped checkpoints ({', '.join(zoo.names())}; default both) or folders written by "
-                             "the shapes training scripts, e.g. --models outputs/shapes-llava-r5")
-    parser.add_argument("--reducers", nargs="*", default=list(REDUCERS), choices=REDUCERS, metavar="NAME",
-                        help=f"reducers run at every budget: {', '.join(REDUCERS)} (default: all; holov acts only at "
-                             f"the LLaVA connector; none: only --spec and DyMU)")
-    parser.add_argument("--budgets", nargs="+", type=positive_int, default=list(BUDGETS), metavar="N",
-                        help=f"visual tokens per image of 256 (default {' '.join(map(str, BUDGETS))})")
-    parser.add_argument("--dymu-presets", nargs="*", default=list(DYMU_PRESETS), choices=DYMU_PRESETS, metavar="P",
-                        help="shipped DyMU calibrations to run: low, mid, high (default all; none: skip DyMU)")
-    parser.add_argument("--spec", action="append", default=[], type=reducer_spec, metavar="SPEC",
-                        help="an extra reducer spec run on every model (repeatable), e.g. --spec tome:r=16")
-    parser.add_argument("--examples", type=positive_int, default=1000, metavar="N",
-                        help="test examples scored: the first N of the test split, every question type equally (default 1000)")
-    parser.add_argument("--timing-batch", type=positive_int, default=16, metavar="N",
-                        help="images per timed forward (default 16)")
     parser.add_argument("--repeats", type=positive_int, default=BenchmarkOptions.repeats, metavar="N",
-                        help=f"timed repeats per configuration, interleaved with the unreduced model (default {BenchmarkOptions.repeats})")
+                        help=f"timed repeats per configuration, interleaved with the unreduced model (default "
+                             f"{BenchmarkOptions.repeats}), e.g. --repeats 30")
     add_device_options(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    checks = parser.add_mutually_exclusive_group()
-    checks.add_argument("--cards", action="store_true", help="check the shipped cards against a fresh evaluation (exit 1 if they differ)")
-    checks.add_argument("--write-cards", action="store_true", help="rewrite the shipped cards from a fresh evaluation")
+    _add_shapes_options(parser.add_argument_group("shapes benchmark (without --folder)"))
+    _add_folder_options(parser.add_argument_group("folder harness (--folder)"))
     parser.set_defaults(handler=run_eval)
     return parser
 
 
+def _add_shapes_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--models", nargs="+", metavar="NAME",
+                       help=f"shipped checkpoints ({', '.join(zoo.names())}; default both) or folders written by "
+                            "the shapes training scripts, e.g. --models outputs/shapes-llava-r5")
+    group.add_argument("--reducers", nargs="*", choices=REDUCERS, metavar="NAME",
+                       help=f"reducers run at every budget: {', '.join(REDUCERS)} (default: all; holov acts only at "
+                            f"the LLaVA connector; none: only --spec and DyMU), e.g. --reducers tome pool")
+    group.add_argument("--budgets", nargs="+", type=positive_int, metavar="N",
+                       help=f"visual tokens per image of 256 (default {' '.join(map(str, BUDGETS))}), e.g. --budgets 64 16")
+    group.add_argument("--dymu-presets", nargs="*", choices=DYMU_PRESETS, metavar="P",
+                       help="shipped DyMU calibrations to run: low, mid, high (default all; none: skip DyMU), "
+                            "e.g. --dymu-presets mid")
+    group.add_argument("--spec", action="append", type=reducer_spec, metavar="SPEC",
+                       help="an extra reducer spec run on every model (repeatable), e.g. --spec tome:r=16")
+    group.add_argument("--examples", type=positive_int, metavar="N",
+                       help="test examples scored: the first N of the test split, every question type equally "
+                            f"(default {SHAPES_DEFAULTS['examples']}), e.g. --examples 200")
+    group.add_argument("--timing-batch", type=positive_int, metavar="N",
+                       help=f"images per timed forward (default {SHAPES_DEFAULTS['timing_batch']}), e.g. --timing-batch 32")
+    checks = group.add_mutually_exclusive_group()
+    checks.add_argument("--cards", action="store_true", default=None,
+                        help="check the shipped cards against a fresh evaluation (exit 1 if they differ), e.g. vtc eval --cards")
+    checks.add_argument("--write-cards", action="store_true", default=None,
+                        help="rewrite the shipped cards from a fresh evaluation, e.g. vtc eval --write-cards")
+
+
+def _add_folder_options(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--folder", type=Path, metavar="DIR",
+                       help="images in DIR/<class>/<image files> (switches to the folder harness), e.g. --folder imagenet/val")
+    group.add_argument("--model", metavar="MODEL",
+                       help=f"the model: {FORMS}; a timm classifier or a CLIP-style model (open_clip, HF CLIP / "
+                            "SigLIP), e.g. --model timm:vit_base_patch16_224")
+    group.add_argument("--pretrained", action="store_true", default=None,
+                       help="load hub weights (needs internet once); without it timm and open_clip models get random "
+                            "weights, e.g. --model open_clip:ViT-B-32@laion2b_s34b_b79k --pretrained")
+    group.add_argument("--reducer", action="append", type=reducer_spec, metavar="SPEC",
+                       help="a reducer spec evaluated beside the unreduced model (repeatable; the spec string is "
+                            "recorded as given), e.g. --reducer tome:r=13 --reducer evit:keep=0.7")
+    group.add_argument("--class-index", type=Path, metavar="FILE",
+                       help="classifiers: a JSON object mapping each class folder to the model's class index, for a "
+                            'subset of its classes, e.g. --class-index subset.json holding {"n01440764": 0, "n01530575": 10}')
+    group.add_argument("--class-names", type=Path, metavar="FILE",
+                       help="zero-shot (needed there): class names, one per line in sorted folder order, or a .json "
+                            "object folder -> name, e.g. --class-names names.txt")
+    prompts = group.add_mutually_exclusive_group()
+    prompts.add_argument("--template", action="append", metavar="TEXT",
+                         help=f"zero-shot: a prompt template, {{}} standing for the class name (repeatable; default "
+                              f"{harness.DEFAULT_TEMPLATES[0]!r}), e.g. --template 'a photo of a {{}}.' --template 'a sketch of a {{}}.'")
+    prompts.add_argument("--templates", type=Path, metavar="FILE",
+                         help="zero-shot: prompt templates, one per line with {} for the class name; each class's "
+                              "prompt embeddings are averaged, e.g. --templates imagenet-templates.txt")
+    group.add_argument("--batch-size", type=positive_int, metavar="N",
+                       help=f"images per forward; the first batch is also the timed one (default {FOLDER_BATCH}), "
+                            "e.g. --batch-size 128")
+
+
+def _refuse_others(parser: argparse.ArgumentParser, args: argparse.Namespace, others: dict[str, str], why: str) -> None:
+    given = [flag for dest, flag in others.items() if getattr(args, dest) is not None]
+    if given:
+        parser.error(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} {why}")
+
+
 def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    if args.folder is not None:
+        _refuse_others(parser, args, SHAPES_ONLY, "only to the shapes benchmark, not with --folder")
+        return run_folder(args, parser)
+    _refuse_others(parser, args, FOLDER_ONLY, "only with --folder DIR (the folder harness); without --folder vtc eval "
+                                              "runs the shapes benchmark (its models: --models)")
+    for dest, default in SHAPES_DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
     if args.cards or args.write_cards:
-        return 0 if all([check_card(name, args.write_cards, args.device) for name in args.models]) else 1
+        return 0 if all([check_card(name, bool(args.write_cards), args.device) for name in args.models]) else 1
     options = BenchmarkOptions(examples=args.examples, budgets=args.budgets, reducers=args.reducers,
                                models=args.models, timing_batch=args.timing_batch, repeats=args.repeats,
                                progress=not args.no_progress, extra_specs=args.spec, dymu_presets=args.dymu_presets,
                                device=args.device, dtype=args.dtype)
-    out = prepare_output(parser, args.out, args.overwrite)
+    out = prepare_output(parser, args.out or SHAPES_OUT, args.overwrite)
     try:
         rows = run(options)
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     print(format_table(rows))
     print(f"\nwrote {write_csv(rows, out / 'shapes.csv')}\nwrote {plot_pareto(rows, out / 'pareto.png')}")
+    return 0
+
+
+def _tokenizer(spec: str):
+    """The text tokenizer of a CLIP-style model named ``open_clip:<name>[@tag]`` or ``hf:<id>``."""
+    kind, _, name = spec.partition(":")
+    if kind == "open_clip":
+        import open_clip
+
+        return open_clip.get_tokenizer(name.partition("@")[0])
+    import transformers
+
+    return transformers.AutoTokenizer.from_pretrained(name)
+
+
+def _load_folder_model(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The --model on --device / --dtype, and whether it is CLIP-style (zero-shot); the options of
+    the other kind are refused."""
+    try:
+        loaded = load_model(args.model, bool(args.pretrained))
+    except ModelSpecError as error:
+        parser.error(str(error))
+    if loaded.processor is not None:
+        parser.error(f"--model {args.model} is a vision-language model; --folder evaluates classifiers (timm) and "
+                     "CLIP-style models (open_clip, HF CLIP / SigLIP)")
+    loaded.model.to(args.device, args.dtype)
+    zero_shot = hasattr(loaded.model, "encode_text") or hasattr(loaded.model, "get_text_features")
+    if zero_shot:
+        _refuse_others(parser, args, {"class_index": "--class-index"},
+                       f"only to classifiers; {args.model} is a CLIP-style model (zero-shot: --class-names, --template)")
+        if args.class_names is None:
+            parser.error(f"--model {args.model} is a CLIP-style model: zero-shot classification needs --class-names FILE "
+                         "(one name per class folder, in sorted order, or a .json object folder -> name)")
+    else:
+        _refuse_others(parser, args, {"class_names": "--class-names", "template": "--template", "templates": "--templates"},
+                       f"only to CLIP-style models (zero-shot); {args.model} is a classifier (a subset of its classes: "
+                       "--class-index)")
+    return loaded, zero_shot
+
+
+def _folder_task(args: argparse.Namespace, loaded, zero_shot: bool, scan: harness.ClassFolders,
+                 config: harness.HarnessConfig, setup: dict):
+    """The evaluation to run, every input checked (HarnessError otherwise); ``setup`` gains the task,
+    the class mapping or names and the templates."""
+    specs = args.reducer or []
+    harness.check_specs(loaded.model, specs)
+    if zero_shot:
+        names = harness.match_class_names(scan.classes, harness.read_class_names(args.class_names))
+        templates = (harness.read_templates(args.templates) if args.templates
+                     else harness.check_templates(args.template or harness.DEFAULT_TEMPLATES))
+        setup.update(task="zero-shot", class_names=dict(zip(scan.classes, names)), templates=list(templates))
+        return partial(harness.zero_shot_classification, loaded.model, _tokenizer(args.model), scan, names, specs,
+                       transform=loaded.preprocess, templates=templates, config=config)
+    mapping = harness.read_class_index(args.class_index) if args.class_index else None
+    labels = harness.class_indices(scan.classes, harness.model_classes(loaded.model), mapping)
+    setup.update(task="classification", class_index=dict(zip(scan.classes, labels)))
+    return partial(harness.folder_classification, loaded.model, scan, specs, transform=loaded.preprocess,
+                   class_index=mapping, config=config)
+
+
+def run_folder(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """The folder harness: every check (folder, model, class mapping or names, templates, specs)
+    before --out is created, then the evaluation, the table, accuracy.csv and accuracy.json."""
+    if args.model is None:
+        parser.error(f"--folder needs --model, the model to evaluate ({FORMS}), e.g. --model timm:vit_base_patch16_224")
+    try:
+        scan = harness.scan_folder(args.folder)
+    except harness.HarnessError as error:
+        parser.error(str(error))
+    loaded, zero_shot = _load_folder_model(args, parser)
+    config = harness.HarnessConfig(batch_size=args.batch_size or FOLDER_BATCH, repeats=args.repeats, progress=not args.no_progress)
+    setup = {"command": "vtc eval --folder", "model": args.model, "pretrained": bool(args.pretrained),
+             "folder": str(args.folder), "classes": len(scan.classes), "images": scan.images, "specs": args.reducer or [],
+             "batch_size": config.batch_size, "repeats": config.repeats, "warmup": config.warmup, "device": args.device,
+             "dtype": str(args.dtype).removeprefix("torch.")}
+    try:
+        evaluate = _folder_task(args, loaded, zero_shot, scan, config, setup)
+        out = prepare_output(parser, args.out or FOLDER_OUT, args.overwrite)
+        rows = evaluate()
+    except harness.HarnessError as error:
+        parser.error(str(error))
+    setup["versions"] = {"vtc": installed_version(), "timm": version("timm"), "open_clip_torch": version("open_clip_torch"),
+                         "transformers": version("transformers")}
+    setup["machine"] = {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    print(harness.format_table(rows))
+    paths = harness.write_results(out, rows, setup, overwrite=args.overwrite)
+    print("\n" + "\n".join(f"wrote {path}" for path in paths))
     return 0
 
 
