@@ -67,6 +67,16 @@ def analytic_flops(adapter: EncoderAdapter, token_counts: Sequence[int] | None =
     return FlopReport(list(token_counts), adapter.stem_flops(), blocks, adapter.head_flops(token_counts[-1]))
 
 
+def patch_tokens(handle) -> list[int]:
+    """Patch tokens (prefix tokens not counted) each image of the handle's last forward had leaving
+    the encoder: its own count under a reducer with per-image counts, else the batch's."""
+    n_prefix = handle.adapter.info.n_prefix
+    per_image = handle.image_token_counts
+    if per_image is not None:
+        return (per_image[:, -1] - n_prefix).tolist()
+    return [handle.token_counts[-1] - n_prefix] * handle.state.x.shape[0]
+
+
 def image_flops(handle) -> float:
     """Analytic FLOPs per image of the last forward of a model with vtc applied (``handle``): under a
     dynamic reducer (DyMU) the mean of each image's FLOPs at its own counts, not the padded batch width."""

@@ -42,7 +42,7 @@ from vtc.data import shapes
 from vtc.data.evaluate import Scores, classifier_scores, vlm_scores
 from vtc.data.training import pixels
 from vtc.dymu import load_calibration
-from vtc.measure import compare
+from vtc.measure import compare, patch_tokens
 from vtc.measure_vlm import profile, time_stages
 from vtc.models import zoo
 from vtc.records import write_records
@@ -155,14 +155,6 @@ def dymu_specs(ckpt, presets: Sequence[str]) -> list[tuple[str, int, str]]:
     return specs
 
 
-def _encoder_tokens(handle) -> list[int]:
-    """Patch tokens per image leaving the encoder in the handle's last forward."""
-    state, n_prefix = handle.state, handle.adapter.info.n_prefix
-    if state.valid is not None:
-        return state.valid[:, n_prefix:].sum(1).tolist()
-    return [state.num_tokens - n_prefix] * state.x.shape[0]
-
-
 def _depth(ckpt) -> int:
     """Encoder blocks the reducers act in (the tower runs up to LLaVA's feature layer)."""
     if ckpt.kind == "llava":
@@ -185,7 +177,7 @@ def _vit_rows(ckpt, examples, specs: list[tuple[str, int, str]], options: Benchm
     for reducer, budget, spec in specs:
         with vtc.apply(model, spec) as handle:
             scores = classifier_scores(model, examples, options.batch_size)
-            tokens = _encoder_tokens(handle)  # the last scored batch
+            tokens = patch_tokens(handle)  # the last scored batch
         comparison = compare(model, spec, images, warmup=1, repeats=options.repeats)
         base_latency += comparison.latency_reference.samples
         mean, std = _stats(tokens)

@@ -14,6 +14,7 @@ from torch import nn
 
 from vtc.commands.common import add_device_options, installed_version, positive_int, prepare_output, reducer_spec
 from vtc.commands.models import FORMS, LoadedModel, ModelSpecError, load_model
+from vtc.harness.zero_shot import embedding_tensor
 from vtc.measure import compare
 from vtc.records import write_records
 
@@ -60,7 +61,7 @@ def encoder_forward(model: nn.Module):
     if hasattr(model, "encode_image"):
         return lambda m, x: m.encode_image(x)
     if hasattr(model, "get_image_features"):
-        return lambda m, x: m.get_image_features(pixel_values=x)
+        return lambda m, x: embedding_tensor(m.get_image_features(pixel_values=x))
     if hasattr(model, "config") and hasattr(model, "vision_model"):
         return lambda m, x: m(pixel_values=x).pooler_output
     return lambda m, x: m(x)

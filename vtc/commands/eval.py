@@ -84,12 +84,13 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help=f"folder for the results: shapes.csv and pareto.png (default {SHAPES_OUT}), or with --folder "
                              f"accuracy.csv and accuracy.json (default {FOLDER_OUT}); a non-empty one gets a new "
                              "run-<timestamp> subfolder unless --overwrite, e.g. --out outputs/imagenet-tome")
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, replacing its files")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --out, replacing its files, e.g. --out outputs/eval --overwrite")
     parser.add_argument("--repeats", type=positive_int, default=BenchmarkOptions.repeats, metavar="N",
                         help=f"timed repeats per configuration, interleaved with the unreduced model (default "
                              f"{BenchmarkOptions.repeats}), e.g. --repeats 30")
     add_device_options(parser)
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar, e.g. for a log file: --no-progress")
     _add_shapes_options(parser.add_argument_group("shapes benchmark (without --folder)"))
     _add_folder_options(parser.add_argument_group("folder harness (--folder)"))
     parser.set_defaults(handler=run_eval)

@@ -18,7 +18,7 @@ from vtc.apply import apply
 from vtc.harness.errors import HarnessError
 from vtc.harness.images import Transform, batches
 from vtc.harness.rows import UNREDUCED, HarnessRow
-from vtc.measure import image_flops, time_calls
+from vtc.measure import image_flops, patch_tokens, time_calls
 
 Predict = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (model, pixels) -> the predicted class of each image
 
@@ -47,15 +47,6 @@ def check_specs(model: nn.Module, specs: Sequence[str]) -> None:
             raise HarnessError(f"reducer {spec!r}: {error}") from None
 
 
-def patch_tokens(handle, batch: int) -> list[int]:
-    """Tokens each image of the handle's last forward had leaving the encoder, prefix tokens not counted."""
-    n_prefix = handle.adapter.info.n_prefix
-    per_image = handle.image_token_counts
-    if per_image is not None:
-        return (per_image[:, -1] - n_prefix).tolist()
-    return [handle.token_counts[-1] - n_prefix] * batch
-
-
 @dataclass
 class _Tally:
     predictions: list[int] = field(default_factory=list)
@@ -64,7 +55,7 @@ class _Tally:
 
     def add(self, predicted: torch.Tensor, handle) -> None:
         self.predictions += predicted.tolist()
-        self.tokens += sum(patch_tokens(handle, predicted.shape[0]))
+        self.tokens += sum(patch_tokens(handle))
         self.flops += image_flops(handle) * predicted.shape[0]
 
 

@@ -24,7 +24,7 @@ TextEncoder = Callable[[list[str]], torch.Tensor]  # prompts -> (prompts, D) emb
 FAMILIES = "an open_clip model (encode_image / encode_text) or an HF CLIP / SigLIP model (get_image_features / get_text_features)"
 
 
-def _features(output: Any) -> torch.Tensor:
+def embedding_tensor(output: Any) -> torch.Tensor:
     """An embedding tensor from an HF ``get_*_features`` result (a tensor, or an output with ``pooler_output``)."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
@@ -33,7 +33,7 @@ def image_embeddings(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """(B, D) image embeddings of a CLIP-style model."""
     if hasattr(model, "encode_image"):
         return model.encode_image(pixels)
-    return _features(model.get_image_features(pixel_values=pixels))
+    return embedding_tensor(model.get_image_features(pixel_values=pixels))
 
 
 def _hf_text(model: nn.Module, tokenizer: Any, prompts: list[str]) -> torch.Tensor:
@@ -42,7 +42,7 @@ def _hf_text(model: nn.Module, tokenizer: Any, prompts: list[str]) -> torch.Tens
     inputs = tokenizer(text=prompts, padding="max_length" if siglip else True, truncation=True,
                        max_length=text.max_position_embeddings, return_tensors="pt")
     device = next(model.parameters()).device
-    return _features(model.get_text_features(**{k: v.to(device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}))
+    return embedding_tensor(model.get_text_features(**{k: v.to(device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}))
 
 
 def _open_clip_text(model: nn.Module, tokenizer: Callable[[list[str]], torch.Tensor], prompts: list[str]) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from vtc.apply import apply
-from vtc.measure import image_flops, time_calls
+from vtc.measure import image_flops, patch_tokens, time_calls
 from vtc.tune.evaluator import ModelEvaluator, Outputs, check_examples, digest, weights_digest
 
 Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -19,15 +19,6 @@ Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 def _model_call(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model(images)
-
-
-def _patch_tokens(handle, batch: int) -> list[int]:
-    """Tokens each image of the handle's last forward had leaving the encoder, prefix tokens not counted."""
-    n_prefix = handle.adapter.info.n_prefix
-    per_image = handle.image_token_counts
-    if per_image is not None:
-        return (per_image[:, -1] - n_prefix).tolist()
-    return [handle.token_counts[-1] - n_prefix] * batch
 
 
 class ClassifierEvaluator(ModelEvaluator):
@@ -65,7 +56,7 @@ class ClassifierEvaluator(ModelEvaluator):
         with torch.inference_mode(), apply(self.model, *specs) as handle:
             for x in self._batches():
                 outputs.append(self.forward(self.model, x).float().flatten(1).cpu())
-                tokens += _patch_tokens(handle, x.shape[0])
+                tokens += patch_tokens(handle)
                 flops += image_flops(handle) * x.shape[0]
         logits = torch.cat(outputs)
         return Outputs(logits.argmax(-1).tolist(), tokens, flops / len(tokens), logits)
