@@ -63,6 +63,7 @@ def test_a_run_started_from_another_runs_state_trains_the_tower_jointly(tmp_path
     decoder = [k for k in start if ".language_model." in k]
     follow = replace(RECIPE, tower_steps=0, vlm_steps=2, init=str(first), image_offset=1000)
     frozen = ShapesLlavaTrainer(follow, tmp_path / "frozen", OPTIONS, TINY)
+    frozen.start_fresh()  # what run() does first when it does not resume
     loaded = {f"model.{k}": v for k, v in frozen.model.state_dict().items()}
     assert all(torch.equal(loaded[k], start[k]) for k in tower + decoder)  # the weights it starts from
     assert frozen.run()
@@ -76,7 +77,7 @@ def test_a_run_started_from_another_runs_state_trains_the_tower_jointly(tmp_path
     assert "dense" in read_log(tmp_path / "joint" / LOG)[0] and "dense" not in read_log(tmp_path / "frozen" / LOG)[0]
     assert "initialised from" in json.loads((tmp_path / "joint" / "training.json").read_text())["data"]
     with pytest.raises(FileNotFoundError, match="holds no saved training state"):
-        ShapesLlavaTrainer(replace(follow, init=str(tmp_path)), tmp_path / "x", OPTIONS, TINY)
+        ShapesLlavaTrainer(replace(follow, init=str(tmp_path)), tmp_path / "x", OPTIONS, TINY).run()
 
 
 def test_resume_refuses_another_architecture_or_recipe(tmp_path):

@@ -190,8 +190,11 @@ class ShapesLlavaTrainer(Trainer):
                                             {"params": vlm_params, "name": "vlm"}],
                                            lr=recipe.tower_lr, weight_decay=recipe.weight_decay)
         self.tower_params, self.vlm_params = tower_params, vlm_params
-        if recipe.init:
-            load_model(self.modules, str(init_weights(recipe.init)), strict=True)
+
+    def start_fresh(self) -> None:
+        """Load ``init``'s weights (a resumed run has them in its own state, so ``init`` may be gone)."""
+        if self.recipe.init:
+            load_model(self.modules, str(init_weights(self.recipe.init)), strict=True)
 
     @property
     def architecture(self) -> dict[str, Any]:

@@ -70,6 +70,9 @@ class Trainer:
     def steps(self) -> int:
         return self.recipe.steps
 
+    def start_fresh(self) -> None:
+        """Prepare a run that starts at step 0 (not called when a run resumes from its state)."""
+
     def train_step(self, step: int) -> dict[str, float]:
         raise NotImplementedError
 
@@ -107,6 +110,8 @@ class Trainer:
         if resume:
             saved = self.resume()
             start, minutes_before = saved.step, float(saved.extra.get("minutes", 0.0))
+        else:
+            self.start_fresh()
         log = JsonLog(self.out / LOG, resume_step=start if resume else None)
         began = time.monotonic()
 
