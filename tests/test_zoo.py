@@ -30,8 +30,10 @@ def test_checkpoints_load_through_the_libraries_own_paths(shapes_vit, shapes_lla
 
 
 def test_shipped_files_are_safetensors_and_json_within_25_mb():
+    """Tensors in safetensors, everything else JSON (and the processor's chat template, a Jinja text file): no pickle."""
     files = [p for p in zoo.CHECKPOINTS.rglob("*") if p.is_file()]
-    assert {p.suffix for p in files} <= {".json", ".safetensors"}
+    assert {p.suffix for p in files} <= {".json", ".safetensors", ".jinja"}
+    assert [p.name for p in files if p.suffix == ".jinja"] == ["chat_template.jinja"]
     assert sum(p.stat().st_size for p in files) <= 25 * 2**20
 
 
