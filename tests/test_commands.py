@@ -124,3 +124,16 @@ def test_viz_draws_one_map_per_image_and_reducer(tmp_path, capsys):
         assert picture.size == (256, 256)  # the 64-pixel input drawn 4x
     err = _fails(["viz", "--model", "timm:test_vit", "--reducer", "tome:r=2", "--out", str(tmp_path / "o")], capsys)
     assert "--image is needed" in err
+
+
+def test_export_lmms_without_its_extra_says_how_to_install(tmp_path, capsys):
+    pytest.importorskip("vtc.lmms")
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        err = _fails(["eval", "--export-lmms", str(tmp_path / "task"), "--examples", "5"], capsys)
+        assert "pip install 'vtc-vlm[lmms]'" in err
+        assert not (tmp_path / "task" / "vtc_shapes.yaml").exists()
+    else:
+        assert main(["eval", "--export-lmms", str(tmp_path / "task"), "--examples", "5"]) == 0
+        assert (tmp_path / "task" / "vtc_shapes.yaml").is_file()

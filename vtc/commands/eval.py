@@ -67,7 +67,7 @@ examples:
 # options of one mode (dest -> flag); they default to None so that giving them in the other mode is caught
 SHAPES_ONLY = {"models": "--models", "reducers": "--reducers", "budgets": "--budgets", "dymu_presets": "--dymu-presets",
                "spec": "--spec", "examples": "--examples", "timing_batch": "--timing-batch", "cards": "--cards",
-               "write_cards": "--write-cards"}
+               "write_cards": "--write-cards", "export_lmms": "--export-lmms"}
 FOLDER_ONLY = {"model": "--model", "pretrained": "--pretrained", "reducer": "--reducer", "class_index": "--class-index",
                "class_names": "--class-names", "template": "--template", "templates": "--templates", "batch_size": "--batch-size"}
 SHAPES_DEFAULTS = {"models": ["shapes-vit", "shapes-llava"], "reducers": list(REDUCERS), "budgets": list(BUDGETS),
@@ -114,6 +114,10 @@ def _add_shapes_options(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--examples", type=positive_int, metavar="N",
                        help="test examples scored: the first N of the test split, every question type equally "
                             f"(default {SHAPES_DEFAULTS['examples']}), e.g. --examples 200")
+    group.add_argument("--export-lmms", type=Path, metavar="DIR",
+                       help="write the first --examples test examples as the lmms-eval task vtc_shapes under DIR and exit; "
+                            "then: lmms-eval --model vtc --model_args pretrained=shapes-llava,reducers=pool:tokens=64 "
+                            "--tasks vtc_shapes --include_path DIR (pip install 'vtc-vlm[lmms]')")
     group.add_argument("--timing-batch", type=positive_int, metavar="N",
                        help=f"images per timed forward (default {SHAPES_DEFAULTS['timing_batch']}), e.g. --timing-batch 32")
     checks = group.add_mutually_exclusive_group()
@@ -168,6 +172,15 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     for dest, default in SHAPES_DEFAULTS.items():
         if getattr(args, dest) is None:
             setattr(args, dest, default)
+    if args.export_lmms is not None:
+        from vtc.lmms import export_lmms
+
+        try:
+            path = export_lmms(args.export_lmms, examples=args.examples, overwrite=args.overwrite)
+        except (ImportError, FileExistsError, ValueError) as error:
+            parser.error(str(error))
+        print(f"wrote {path}")
+        return 0
     if args.cards or args.write_cards:
         return 0 if all([check_card(name, bool(args.write_cards), args.device) for name in args.models]) else 1
     options = BenchmarkOptions(examples=args.examples, budgets=args.budgets, reducers=args.reducers,
