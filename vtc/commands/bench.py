@@ -13,14 +13,14 @@ from PIL import Image
 from torch import nn
 
 from vtc.commands.common import add_device_options, installed_version, positive_int, prepare_output, reducer_spec
-from vtc.commands.models import FORMS, LoadedModel, ModelSpecError, load_model
+from vtc.commands.models import FORMS, LoadedModel, ModelSpecError, add_model_options, load_model
+from vtc.harness.folders import IMAGE_SUFFIXES, image_files
 from vtc.harness.zero_shot import embedding_tensor
 from vtc.measure import compare
 from vtc.records import write_records
 
 COLUMNS = ("model", "reducer", "tokens_out", "gflops", "flops_ratio", "latency_ms", "throughput_img_s", "speedup",
            "top1_agreement", "kl", "cosine", "batch", "repeats", "device", "dtype")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DESCRIPTION = f"""\
 Measure reducers on a vision encoder side by side with the unreduced model, timed in one
 interleaved loop: tokens leaving the encoder, analytic GFLOPs per image, latency and throughput,
@@ -39,8 +39,7 @@ examples:
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = commands.add_parser("bench", help="tokens, FLOPs, latency and fidelity of reducers on a vision encoder",
                                  description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, metavar="MODEL", help=f"the encoder: {FORMS}")
-    parser.add_argument("--pretrained", action="store_true", help="allow downloading hub weights (needs internet once)")
+    add_model_options(parser, "the encoder")
     parser.add_argument("--reducer", dest="reducers", action="append", type=reducer_spec, required=True, metavar="SPEC",
                         help="a reducer spec (repeatable), e.g. --reducer tome:r=13")
     parser.add_argument("--images-dir", type=Path, metavar="DIR", help="image files to run (default: shapes test images)")
@@ -71,7 +70,7 @@ def _images(parser: argparse.ArgumentParser, args: argparse.Namespace, loaded: L
     if args.images_dir is not None:
         if not args.images_dir.is_dir():
             parser.error(f"--images-dir {args.images_dir} is not a folder")
-        files = sorted(p for p in args.images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[: args.batch]
+        files = list(image_files(args.images_dir))[: args.batch]
         if not files:
             parser.error(f"--images-dir {args.images_dir} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
         pictures = [Image.open(p).convert("RGB") for p in files]

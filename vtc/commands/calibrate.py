@@ -11,10 +11,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from vtc.apply import apply
 from vtc.commands.common import positive_int
-from vtc.commands.models import FORMS, LoadedModel, ModelSpecError, load_model
+from vtc.commands.models import FORMS, LoadedModel, ModelSpecError, add_model_options, load_model
 from vtc.dymu import CONFIG, PRESETS, SCHEDULES, TENSORS, MergeScheduleError, calibrate, merge_schedule
+from vtc.harness.folders import IMAGE_SUFFIXES, image_files
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 DESCRIPTION = f"""\
 Calibrate DyMU's per-layer merge thresholds for a model (DyMU paper, Sec. 3.1).
 
@@ -52,8 +52,7 @@ class Pixels(Dataset):
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = commands.add_parser("calibrate", help="DyMU merge thresholds for a model, on the shapes images or your own",
                                  description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, metavar="MODEL", help=f"the model to calibrate: {FORMS}")
-    parser.add_argument("--pretrained", action="store_true", help="allow downloading hub weights (needs internet once)")
+    add_model_options(parser, "the model to calibrate")
     goal = parser.add_mutually_exclusive_group(required=True)
     goal.add_argument("--preset", choices=list(PRESETS),
                       help="target as a share of the patch tokens: " + ", ".join(f"{k} {v:.3g}" for k, v in PRESETS.items()))
@@ -90,7 +89,7 @@ def image_items(parser: argparse.ArgumentParser, args: argparse.Namespace, is_sh
 
     if not args.images_dir.is_dir():
         parser.error(f"--images-dir {args.images_dir} is not a folder")
-    files = sorted(p for p in args.images_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = list(image_files(args.images_dir))
     if len(files) < count + held:
         parser.error(f"--images-dir {args.images_dir} holds {len(files)} image files; --images {count} + --held-out "
                      f"{held} needs {count + held}")

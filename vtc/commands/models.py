@@ -6,6 +6,7 @@ local folders or already cached."""
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,12 @@ import torch
 from torch import nn
 
 FORMS = "shapes-vit, shapes-llava (or a trained folder), timm:<name>, open_clip:<name>[@<tag>], hf:<hub id or folder>"
+
+
+def add_model_options(parser: argparse.ArgumentParser, what: str = "the model") -> None:
+    """``--model`` (any of :data:`FORMS`) and ``--pretrained``."""
+    parser.add_argument("--model", required=True, metavar="MODEL", help=f"{what}: {FORMS}")
+    parser.add_argument("--pretrained", action="store_true", help="allow downloading hub weights (needs internet once)")
 
 
 class ModelSpecError(ValueError):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from vtc.apply import apply, run_encoder
 from vtc.commands.common import add_device_options, prepare_output, reducer_spec
-from vtc.commands.models import FORMS, ModelSpecError, load_model
+from vtc.commands.models import FORMS, ModelSpecError, add_model_options, load_model
 from vtc.viz import save_groups
 
 DESCRIPTION = f"""\
@@ -30,8 +30,7 @@ examples:
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = commands.add_parser("viz", help="merge / prune maps of encoder reducers on your images",
                                  description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, metavar="MODEL", help=f"the model: {FORMS}")
-    parser.add_argument("--pretrained", action="store_true", help="allow downloading hub weights (needs internet once)")
+    add_model_options(parser, "the model")
     parser.add_argument("--reducer", dest="reducers", action="append", type=reducer_spec, required=True, metavar="SPEC",
                         help="an encoder reducer spec (repeatable), e.g. --reducer tome:r=16")
     parser.add_argument("--image", dest="images", action="append", type=Path, metavar="FILE",

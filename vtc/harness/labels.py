@@ -4,11 +4,10 @@ given mapping folder name -> class index for a subset of the classes."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from vtc.harness.errors import HarnessError, listing
+from vtc.harness.errors import HarnessError, listing, read_json
 
 SUBSET_HINT = ("for a subset of the model's classes give a class index: a JSON file mapping folder name -> class index "
                '(--class-index FILE), e.g. {"n01440764": 0, "n01443537": 1}')
@@ -46,12 +45,7 @@ def class_indices(classes: Sequence[str], num_classes: int, mapping: Mapping[str
 def read_class_index(path: Path | str) -> dict[str, int]:
     """A class-index file: a JSON object mapping folder name -> class index."""
     path = Path(path)
-    try:
-        mapping = json.loads(path.read_text())
-    except OSError as error:
-        raise HarnessError(f"cannot read the class index {path}: {error.strerror or error}") from None
-    except json.JSONDecodeError as error:
-        raise HarnessError(f"the class index {path} is not JSON ({error}); {SUBSET_HINT}") from None
+    mapping = read_json(path, "the class index", SUBSET_HINT)
     if not isinstance(mapping, dict) or not mapping:
         raise HarnessError(f"the class index {path} must be a non-empty JSON object; {SUBSET_HINT}")
     return mapping

@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from vtc.harness.errors import HarnessError, listing
+from vtc.harness.errors import HarnessError, listing, read_json
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -71,12 +70,7 @@ def read_class_names(path: Path | str) -> list[str] | dict[str, str]:
     path = Path(path)
     if path.suffix.lower() != ".json":
         return _lines(path, "class names")
-    try:
-        names = json.loads(path.read_text())
-    except OSError as error:
-        raise HarnessError(f"cannot read the class names file {path}: {error.strerror or error}") from None
-    except json.JSONDecodeError as error:
-        raise HarnessError(f"the class names file {path} is not JSON ({error})") from None
+    names = read_json(path, "the class names file")
     if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
         raise HarnessError(f'the class names file {path} must be a JSON object folder -> name, e.g. {{"n01440764": "tench"}}')
     return names
