@@ -158,6 +158,27 @@ def test_conversation_masks_prompts_and_marks_answer_positions():
     assert tokenizer.decode([t for t in labels if t != -100]).split()[0] == example.answer
 
 
+def test_focus_type_adds_turns_of_that_type_only_and_is_checked():
+    from vtc.data import shapes
+    from vtc.train.shapes_llava import ShapesLlavaRecipe, conversation
+    from vtc.train.shapes_llava_model import word_tokenizer
+
+    tokenizer = word_tokenizer(shapes.vocabulary())
+    example = next(e for e in shapes.examples("train", 20) if len(e.scene.shapes) >= 5)
+
+    def position_turns(focus):
+        ids, _, queries = conversation(example, tokenizer, 4, np.random.default_rng(0), 1, focus)
+        return " ".join(tokenizer.convert_ids_to_tokens(ids)).count("what shape is at"), len(queries)
+
+    plain, focused = position_turns(()), position_turns(("position",) * 3)
+    assert plain == position_turns(())
+    assert focused[0] >= plain[0] + 2 and focused[1] - plain[1] == focused[0] - plain[0]  # only position added
+    with pytest.raises(ValueError, match="focus_type 'size' is not a question type"):
+        ShapesLlavaRecipe(focus_type="size", focus_questions=2)
+    with pytest.raises(ValueError, match="must be > 0 exactly when"):
+        ShapesLlavaRecipe(focus_type="position")
+
+
 def test_vit_trainer_resumes_bit_identically(tmp_path):
     from vtc.train.shapes_vit import MODEL_ARGS, ShapesVitRecipe, ShapesVitTrainer
 

@@ -60,6 +60,8 @@ class ShapesLlavaRecipe:
     vlm_lr: float = 1.5e-3
     warmup: int = 100
     per_type: int = 2  # extra questions per type and image
+    focus_type: str = ""  # a question type given more turns per image ("" = none)
+    focus_questions: int = 0  # extra turns of focus_type per image (a question already asked is skipped)
     attention_weight: float = 1.0  # attention supervision at the answer position
     attention_layer: int = -2  # ... in this decoder layer
     word_attention_weight: float = 1.0  # attention supervision at the question's last word
@@ -70,19 +72,28 @@ class ShapesLlavaRecipe:
     joint_tower_lr: float = 0.0  # peak tower learning rate in the vlm stage (0 = frozen tower)
     image_offset: int = 0  # index of the first train image used
 
+    def __post_init__(self) -> None:
+        if self.focus_type and self.focus_type not in shapes.QUESTION_TYPES:
+            raise ValueError(f"focus_type {self.focus_type!r} is not a question type; allowed: "
+                             f"{', '.join(shapes.QUESTION_TYPES)} (or empty for none)")
+        if self.focus_questions < 0 or bool(self.focus_questions) != bool(self.focus_type):
+            raise ValueError(f"focus_questions ({self.focus_questions}) must be > 0 exactly when focus_type "
+                             f"({self.focus_type!r}) is set")
+
     @property
     def steps(self) -> int:
         return self.tower_steps + self.vlm_steps
 
 
 def conversation(example: shapes.Example, tokenizer, image_tokens: int, rng: np.random.Generator,
-                 per_type: int) -> tuple[list[int], list[int], list[tuple[int, int, list[int]]]]:
+                 per_type: int, focus: tuple[str, ...] = ()) -> tuple[list[int], list[int], list[tuple[int, int, list[int]]]]:
     """One image's multi-turn conversation, the example's own question first, then up to
-    ``per_type`` questions of every type in a random order. Returns input ids, labels (-100 on
+    ``per_type`` questions of every type and one more per entry of ``focus`` (question types) in a
+    random order; a question already asked is skipped. Returns input ids, labels (-100 on
     prompts), and per turn (the position whose logits give the answer, the position of the
     question's last word before "?", the objects answering it)."""
     turns = [(example.qtype, example.question, example.answer)]
-    for qtype in rng.permutation(np.repeat(shapes.QUESTION_TYPES, per_type)):
+    for qtype in rng.permutation(np.concatenate([np.repeat(shapes.QUESTION_TYPES, per_type), np.array(focus, dtype=str)])):
         qa = shapes.ask(example.scene, str(qtype), rng)
         if qa is not None and qa[0] not in {t[1] for t in turns}:
             turns.append((str(qtype), *qa))
@@ -230,7 +241,8 @@ class ShapesLlavaTrainer(Trainer):
         local = step - r.tower_steps
         batch = [shapes.example("train", first + local * r.vlm_batch + i) for i in range(r.vlm_batch)]
         tokenizer = self.processor.tokenizer
-        conversations = [conversation(e, tokenizer, self.image_tokens, self.rng, r.per_type) for e in batch]
+        focus = (r.focus_type,) * r.focus_questions
+        conversations = [conversation(e, tokenizer, self.image_tokens, self.rng, r.per_type, focus) for e in batch]
         inputs = {k: v.to(self.device) for k, v in collate(conversations, tokenizer.pad_token_id).items()}
         supervised = r.attention_weight > 0 or r.word_attention_weight > 0
         joint = r.joint_tower_lr > 0
