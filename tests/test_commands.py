@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from vtc.cli import main
-from vtc.commands.common import installed_version
+from vtc.models import zoo
+from vtc.records import installed_version
 
 
 def _fails(argv: list[str], capsys) -> str:
@@ -53,7 +54,13 @@ def test_eval_writes_shapes_csv(tmp_path):
     with (out / "shapes.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert [(r["reducer"], r["budget"]) for r in rows] == [("none", "256"), ("pool", "64")]
-    assert (out / "pareto.png").is_file()
+    saved = json.loads((out / "shapes.json").read_text())
+    assert [r["spec"] for r in saved["rows"]] == ["none", "pool:tokens=64"] and saved["command"] == "vtc eval"
+    assert saved["options"]["models"] == ["shapes-vit"] and saved["versions"]["vtc"] == installed_version()
+    assert saved["checkpoints"] == {"shapes-vit": str(zoo.locate("shapes-vit")[2])}
+    for picture in ("pareto.png", "per_type.png"):
+        with Image.open(out / picture) as image:
+            assert image.format == "PNG"
 
 
 def test_calibrate_checks_out_and_the_schedule_before_computing(tmp_path, capsys):

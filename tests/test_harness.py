@@ -17,7 +17,7 @@ from PIL import Image
 
 from vtc import harness
 from vtc.cli import main
-from vtc.commands.common import installed_version
+from vtc.records import installed_version
 from vtc.stats import wilson
 
 TOME_REAL = "tome:r=8"  # a real reduction at the tiny models' 8 x 8 patch grid

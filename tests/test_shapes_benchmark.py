@@ -2,6 +2,7 @@
 half the tokens at least as accurate as random pruning, clear errors, and `vtc demo` on it."""
 
 import csv
+import json
 
 import llava_models
 import pytest
@@ -168,8 +169,10 @@ def test_quick_demo_runs_the_shapes_benchmark(tmp_path):
                 assert float(row["agreement"]) == 1.0 and float(row["flops_ratio"]) == pytest.approx(1.0, abs=tolerance)
             else:
                 assert float(row["flops_ratio"]) < 1.0
-    with Image.open(out / "pareto.png") as picture:
-        assert picture.format == "PNG"
+    for name in ("pareto.png", "per_type.png"):
+        with Image.open(out / name) as picture:
+            assert picture.format == "PNG"
+    assert len(json.loads((out / "shapes.json").read_text())["rows"]) == len(rows)
 
 
 def _row(reducer: str, correct: list[bool], qtypes: list[str]) -> Row:

@@ -193,3 +193,17 @@ def test_vit_trainer_resumes_bit_identically(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     card = json.loads((tmp_path / "pieces" / "card.json").read_text())
     assert card["test_examples"] == OPTIONS.test_examples
+
+
+def test_relay_loss_is_the_attention_onto_the_question_word_and_trains(tmp_path):
+    from vtc.train.shapes_llava import relay_loss
+
+    attention = torch.zeros(2, 2, 5, 5)
+    attention[0, :, 4, 1] = torch.tensor([0.2, 0.6])  # mean over heads 0.4
+    attention[1, :, 3, 2] = 1.0
+    loss = relay_loss(attention, torch.tensor([0, 1]), torch.tensor([4, 3]), torch.tensor([1, 2]))
+    assert loss.item() == pytest.approx(-(np.log(0.4 + 1e-6) + np.log(1 + 1e-6)) / 2, rel=1e-5)
+    recipe = replace(RECIPE, tower_steps=0, vlm_steps=2, relay_weight=1.0, relay_layer=1)
+    assert ShapesLlavaTrainer(recipe, tmp_path / "relay", OPTIONS, TINY).run()
+    assert all(record["relay"] > 0 for record in read_log(tmp_path / "relay" / LOG) if "relay" in record)
+    assert sum("relay" in record for record in read_log(tmp_path / "relay" / LOG)) == 2

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from vtc.commands import COMMANDS
-from vtc.commands.common import installed_version
+from vtc.records import installed_version
 
 
 def build_parser() -> argparse.ArgumentParser:

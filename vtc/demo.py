@@ -126,8 +126,7 @@ class DemoResult:
     csv_path: Path | None
     pictures: list[Path] = field(default_factory=list)
     shapes_rows: list = field(default_factory=list)
-    shapes_csv: Path | None = None
-    pareto: Path | None = None
+    shapes_files: list[Path] = field(default_factory=list)  # shapes.csv, shapes.json, pareto.png, per_type.png
 
 
 # ----- images --------------------------------------------------------------------------------------
@@ -323,7 +322,7 @@ def write_csv(rows: Sequence[Row], path: Path) -> Path:
     return write_records(path, CSV_COLUMNS, (row.csv_record() for row in rows))
 
 
-def run_shapes(options: DemoOptions, echo: Callable[[str], None]) -> tuple[list, Path, Path]:
+def run_shapes(options: DemoOptions, echo: Callable[[str], None]) -> tuple[list, list[Path]]:
     """The shapes benchmark on the shipped checkpoints chosen in ``options.models``."""
     models = [m for m in options.models if m in SHAPES_MODELS]
     bench_options = bench.BenchmarkOptions(
@@ -345,7 +344,7 @@ def run_shapes(options: DemoOptions, echo: Callable[[str], None]) -> tuple[list,
     echo(bench.format_table(rows))
     for budget in [b for b in RANKED_BUDGETS if b in bench_options.budgets]:
         echo(bench.format_rankings(rows, budget))
-    return rows, bench.write_csv(rows, options.out_dir / "shapes.csv"), bench.plot_pareto(rows, options.out_dir / "pareto.png")
+    return rows, bench.write_outputs(rows, options.out_dir, bench_options, "vtc demo")
 
 
 def run(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoResult:
@@ -353,7 +352,7 @@ def run(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoResult
     unknown = [m for m in options.models if m not in MODELS]
     if unknown or not options.models:
         raise DemoError(f"unknown model(s) {unknown}; choose from {', '.join(MODELS)}")
-    needed = {"matplotlib": any(m in SHAPES_MODELS for m in options.models),  # pareto.png
+    needed = {"matplotlib": any(m in SHAPES_MODELS for m in options.models),  # pareto.png, per_type.png
               "skimage": any(m not in SHAPES_MODELS for m in options.models)}  # the sample pictures
     missing = [name for name, used in needed.items() if used and importlib.util.find_spec(name) is None]
     if missing:
@@ -371,8 +370,8 @@ def run(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoResult
     result = DemoResult([], None)
     if any(m in SHAPES_MODELS for m in options.models):
         options.out_dir.mkdir(parents=True, exist_ok=True)
-        result.shapes_rows, result.shapes_csv, result.pareto = run_shapes(options, echo)
-        echo(f"\nwrote {result.shapes_csv}\nwrote {result.pareto}")
+        result.shapes_rows, result.shapes_files = run_shapes(options, echo)
+        echo("\n" + "\n".join(f"wrote {path}" for path in result.shapes_files))
     if any(m in SAMPLE_MODELS for m in options.models):
         result.rows, result.csv_path, result.pictures = run_samples(options, echo)
     return result

@@ -27,9 +27,10 @@ test on the same examples separates them.
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ from vtc.dymu import load_calibration
 from vtc.measure import compare, patch_tokens
 from vtc.measure_vlm import profile, time_stages
 from vtc.models import zoo
-from vtc.records import write_records
+from vtc.records import environment, write_records
 from vtc.stats import Spread, mcnemar_exact, speedup_spread
 
 BUDGETS = (256, 128, 64, 32, 16)
@@ -259,6 +260,25 @@ def write_csv(rows: Sequence[Row], path: Path) -> Path:
     return write_records(path, CSV_COLUMNS, (row.record() for row in rows))
 
 
+def write_json(rows: Sequence[Row], path: Path, options: BenchmarkOptions, command: str) -> Path:
+    """The rows (with their exact spec strings) beside the command, the options, each model's
+    checkpoint folder, and the versions and machine (:func:`vtc.records.environment`)."""
+    setup = {key: list(value) if isinstance(value, (list, tuple)) else value for key, value in asdict(options).items()}
+    setup["dtype"] = str(options.dtype).removeprefix("torch.")
+    checkpoints = {name: str(zoo.locate(name)[2]) for name in options.models}
+    path.write_text(json.dumps({"command": command, "options": setup, "checkpoints": checkpoints, **environment(),
+                                "rows": [row.record() for row in rows]}, indent=2) + "\n")
+    return path
+
+
+def write_outputs(rows: Sequence[Row], out: Path, options: BenchmarkOptions, command: str) -> list[Path]:
+    """shapes.csv, shapes.json, pareto.png and per_type.png under ``out``."""
+    from vtc.shapes_plots import plot_pareto, plot_per_type
+
+    return [write_csv(rows, out / "shapes.csv"), write_json(rows, out / "shapes.json", options, command),
+            plot_pareto(rows, out / "pareto.png"), plot_per_type(rows, out / "per_type.png")]
+
+
 def _with_interval(accuracy: float, interval: tuple[float, float]) -> str:
     return f"{accuracy:.3f} ({interval[0]:.2f}-{interval[1]:.2f})"
 
@@ -310,36 +330,3 @@ def format_rankings(rows: Sequence[Row], budget: int) -> str:
         for qtype in [None, *qtypes] if len(qtypes) > 1 else [None]:
             lines.append(f"  {qtype or 'overall':<9} {ranking(rows, model, budget, qtype)}")
     return "\n".join(lines)
-
-
-def plot_pareto(rows: Sequence[Row], path: Path) -> Path:
-    """Accuracy against visual tokens and against GFLOPs, one panel row per model, one line per reducer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(dict.fromkeys(r.model for r in rows))
-    fig, axes = plt.subplots(len(models), 2, figsize=(11, 4.2 * len(models)), squeeze=False)
-    for (ax_tokens, ax_flops), model in zip(axes, models):
-        group = [r for r in rows if r.model == model]
-        full = next(r for r in group if r.reducer == "none")
-        for reducer in dict.fromkeys(r.reducer for r in group if r.reducer != "none"):
-            line = sorted((r for r in group if r.reducer == reducer), key=lambda r: r.visual_tokens)
-            ax_tokens.plot([r.visual_tokens for r in line], [r.scores.accuracy for r in line], "o-", label=reducer)
-            ax_flops.plot([r.gflops for r in line], [r.scores.accuracy for r in line], "o-", label=reducer)
-        for ax, x in ((ax_tokens, full.visual_tokens), (ax_flops, full.gflops)):
-            ax.plot([x], [full.scores.accuracy], "k*", markersize=12, label="all tokens")
-            ax.set_xscale("log", base=2)
-            ax.set_ylabel("test accuracy")
-            ax.grid(alpha=0.3)
-            ax.set_ylim(0, 1.02)
-        ax_tokens.set_xlabel("visual tokens per image")
-        ax_flops.set_xlabel("GFLOPs per image (a VLM: vision + prefill)")
-        ax_tokens.set_title(f"{model}: accuracy vs visual tokens")
-        ax_flops.set_title(f"{model}: accuracy vs FLOPs")
-        ax_tokens.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

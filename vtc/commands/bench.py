@@ -5,19 +5,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import nn
 
-from vtc.commands.common import add_device_options, installed_version, positive_int, prepare_output, reducer_spec
+from vtc.commands.common import add_device_options, positive_int, prepare_output, reducer_spec
 from vtc.commands.models import FORMS, LoadedModel, ModelSpecError, add_model_options, load_model
 from vtc.harness.folders import IMAGE_SUFFIXES, image_files
 from vtc.harness.zero_shot import embedding_tensor
 from vtc.measure import compare
-from vtc.records import write_records
+from vtc.records import environment, write_records
 
 COLUMNS = ("model", "reducer", "tokens_out", "gflops", "flops_ratio", "latency_ms", "throughput_img_s", "speedup",
            "top1_agreement", "kl", "cosine", "batch", "repeats", "device", "dtype")
@@ -113,9 +112,7 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
               f"speedup {row['speedup']}x  agreement {row['top1_agreement']}  cosine {row['cosine']}")
     write_records(out / "bench.csv", COLUMNS, records)
     (out / "bench.json").write_text(json.dumps({
-        "command": "vtc bench", "model": args.model, "pretrained": args.pretrained, "rows": records,
-        "versions": {"vtc": installed_version(), "torch": torch.__version__, "python": platform.python_version()},
-        "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()},
+        "command": "vtc bench", "model": args.model, "pretrained": args.pretrained, "rows": records, **environment(),
     }, indent=2) + "\n")
     print(f"wrote {out / 'bench.csv'}\nwrote {out / 'bench.json'}")
     return 0

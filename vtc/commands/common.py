@@ -7,23 +7,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 
 from vtc.spec import parse_reducer
 
-DISTRIBUTION = "vtc-vlm"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def installed_version() -> str:
-    """The installed vtc distribution's version (``vtc --version``, recorded with results)."""
-    try:
-        return version(DISTRIBUTION)
-    except PackageNotFoundError:
-        return "unknown (not installed as a distribution)"
 
 
 class OutputDirError(ValueError):

@@ -19,9 +19,9 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "(shapes-vit, a timm ViT classifier, and shapes-llava, an HF LLaVA), offline, on 200 test examples: "
             "ToMe, EViT, random drop, pooling and HoloV at budgets of 256/64/16 visual tokens and DyMU at its mid "
             "preset. It prints test accuracy per question type with 95%% intervals, agreement with the unreduced "
-            "model, GFLOPs and speedup (timed interleaved with the unreduced model), and writes shapes.csv and "
-            "pareto.png. --full runs the whole benchmark (500 examples, budgets 256/128/64/32/16, every DyMU "
-            "preset; about 30 minutes on 2 cores). "
+            "model, GFLOPs and speedup (timed interleaved with the unreduced model), and writes shapes.csv, "
+            "shapes.json (with versions and options), pareto.png and per_type.png. --full runs the whole "
+            "benchmark (500 examples, budgets 256/128/64/32/16, every DyMU preset; about 30 minutes on 2 cores). "
             "With --models timm,open_clip: a timm vit_small_patch16_224 and an open_clip ViT-B-32 over sample images "
             "bundled with scikit-image (tokens per layer, GFLOPs, throughput, fidelity: top-1 agreement and KL for "
             "timm logits, cosine for CLIP embeddings), results.csv and one merge picture per reducer family; their "
@@ -29,11 +29,12 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--out", metavar="DIR", type=Path, default=Path("outputs/demo"),
-                        help="folder for shapes.csv / pareto.png or results.csv and the PNG pictures (default: ./outputs/demo). "
-                             "If it exists and is not empty, a new run-<timestamp> subfolder is used unless --overwrite.")
+                        help="folder for shapes.csv / shapes.json / pareto.png / per_type.png or results.csv and the PNG "
+                             "pictures (default: ./outputs/demo). If it exists and is not empty, a new run-<timestamp> "
+                             "subfolder is used unless --overwrite.")
     parser.add_argument("--overwrite", action="store_true",
-                        help="write into a non-empty --out, replacing shapes.csv / pareto.png / results.csv / input.png / "
-                             "groups_*.png there (other files are left alone)")
+                        help="write into a non-empty --out, replacing shapes.csv / shapes.json / pareto.png / per_type.png / "
+                             "results.csv / input.png / groups_*.png there (other files are left alone)")
     parser.add_argument("--pretrained", action="store_true",
                         help="load real weights (timm vit_small_patch16_224 augreg, open_clip ViT-B-32 "
                              "laion2b_s34b_b79k) from the Hugging Face hub; needs internet on first use")

@@ -7,20 +7,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from functools import partial
-from importlib.metadata import version
 from pathlib import Path
 
-import torch
-
 from vtc import harness
-from vtc.commands.common import add_device_options, installed_version, positive_int, prepare_output, reducer_spec
+from vtc.commands.common import add_device_options, positive_int, prepare_output, reducer_spec
 from vtc.commands.models import FORMS, ModelSpecError, load_model
 from vtc.data import shapes
 from vtc.data.evaluate import classifier_scores, vlm_scores
 from vtc.models import zoo
-from vtc.shapes_benchmark import BUDGETS, DYMU_PRESETS, REDUCERS, BenchmarkOptions, format_table, plot_pareto, run, write_csv
+from vtc.shapes_benchmark import BUDGETS, DYMU_PRESETS, REDUCERS, BenchmarkOptions, format_table, run, write_outputs
 
 DESCRIPTION = """\
 Accuracy of reducers beside the unreduced model: the shapes benchmark (default) or, with --folder,
@@ -31,10 +27,12 @@ the shipped shapes checkpoints. For each model (shapes-vit, shapes-llava), reduc
 random, pool; holov on the LLaVA) and budget, and DyMU at its shipped presets (with and without
 virtual unmerging on LLaVA): test accuracy overall and per question type with 95% intervals,
 agreement with the unreduced model's predictions, FLOPs per image and latency measured side by
-side with the unreduced model. Writes shapes.csv and pareto.png (accuracy against visual tokens and
-against FLOPs) under --out. With --cards it instead evaluates each model unreduced on the whole
-test split and compares the result with its shipped card.json (overall and per-type accuracy, and
-the subset's predictions example by example); --write-cards rewrites the cards from that evaluation.
+side with the unreduced model. Writes shapes.csv, shapes.json (the rows with the options, checkpoint
+folders, versions and machine), pareto.png (accuracy against visual tokens and against FLOPs) and
+per_type.png (accuracy per question type with 95% intervals at each budget) under --out. With
+--cards it instead evaluates each model unreduced on the whole test split and compares the result
+with its shipped card.json (overall and per-type accuracy, and the subset's predictions example by
+example); --write-cards rewrites the cards from that evaluation.
 
 Folder harness (--folder DIR --model MODEL): images in DIR/<class>/<image files> (ImageNet's and
 torchvision ImageFolder's layout).
@@ -81,9 +79,9 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                               "a folder of class folders (--folder)",
                                  description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, metavar="DIR",
-                        help=f"folder for the results: shapes.csv and pareto.png (default {SHAPES_OUT}), or with --folder "
-                             f"accuracy.csv and accuracy.json (default {FOLDER_OUT}); a non-empty one gets a new "
-                             "run-<timestamp> subfolder unless --overwrite, e.g. --out outputs/imagenet-tome")
+                        help=f"folder for the results: shapes.csv, shapes.json, pareto.png and per_type.png (default "
+                             f"{SHAPES_OUT}), or with --folder accuracy.csv and accuracy.json (default {FOLDER_OUT}); a "
+                             "non-empty one gets a new run-<timestamp> subfolder unless --overwrite, e.g. --out outputs/imagenet-tome")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty --out, replacing its files, e.g. --out outputs/eval --overwrite")
     parser.add_argument("--repeats", type=positive_int, default=BenchmarkOptions.repeats, metavar="N",
@@ -193,7 +191,7 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     print(format_table(rows))
-    print(f"\nwrote {write_csv(rows, out / 'shapes.csv')}\nwrote {plot_pareto(rows, out / 'pareto.png')}")
+    print("\n" + "\n".join(f"wrote {path}" for path in write_outputs(rows, out, options, "vtc eval")))
     return 0
 
 
@@ -275,9 +273,6 @@ def run_folder(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         rows = evaluate()
     except harness.HarnessError as error:
         parser.error(str(error))
-    setup["versions"] = {"vtc": installed_version(), "timm": version("timm"), "open_clip_torch": version("open_clip_torch"),
-                         "transformers": version("transformers")}
-    setup["machine"] = {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
     print(harness.format_table(rows))
     paths = harness.write_results(out, rows, setup, overwrite=args.overwrite)
     print("\n" + "\n".join(f"wrote {path}" for path in paths))

@@ -4,21 +4,18 @@ versions, options) with the same rows; existing files are replaced only when ask
 from __future__ import annotations
 
 import json
-import platform
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import torch
-
 from vtc.harness.errors import HarnessError, listing
 from vtc.harness.rows import COLUMNS, HarnessRow
-from vtc.records import write_records
+from vtc.records import environment, write_records
 
 
 def write_results(out: Path | str, rows: Sequence[HarnessRow], setup: Mapping[str, object], overwrite: bool = False,
                   name: str = "accuracy") -> tuple[Path, Path]:
     """Write ``<name>.csv`` and ``<name>.json`` under ``out`` (created); ``setup`` (its ``model``
-    is the CSV's model column; its ``versions`` gain torch's and Python's) heads the JSON."""
+    is the CSV's model column) heads the JSON, after the versions and machine (:func:`vtc.records.environment`)."""
     out = Path(out)
     paths = out / f"{name}.csv", out / f"{name}.json"
     existing = [str(p) for p in paths if p.exists()]
@@ -27,6 +24,5 @@ def write_results(out: Path | str, rows: Sequence[HarnessRow], setup: Mapping[st
     out.mkdir(parents=True, exist_ok=True)
     records = [{"model": setup.get("model", ""), **row.record()} for row in rows]
     write_records(paths[0], COLUMNS, records)
-    versions = {"torch": torch.__version__, "python": platform.python_version(), **dict(setup.get("versions") or {})}
-    paths[1].write_text(json.dumps({**setup, "versions": versions, "rows": records}, indent=2) + "\n")
+    paths[1].write_text(json.dumps({**environment(), **setup, "rows": records}, indent=2) + "\n")
     return paths

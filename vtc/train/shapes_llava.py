@@ -13,7 +13,10 @@ Two stages, one resumable run (:mod:`vtc.train.loop`):
    attention supervision pulling attention (mean over heads) onto the patches of the objects that
    answer the question (:func:`vtc.data.shapes.evidence`): at the question's last word (before
    "?") in decoder layer ``word_attention_layer``, so the retrieval is one hop from the words that
-   name what to look for, and at the answer position in layer ``attention_layer``. This stage
+   name what to look for, and at the answer position in layer ``attention_layer``. With
+   ``relay_weight > 0`` the answer position is also pulled, in layer ``relay_layer``, onto the
+   question's last word, which by then holds what its own retrieval found (a relay for questions
+   whose target is named by a phrase, such as a cell "top left", rather than one word). This stage
    runs eager attention (it reads attention weights); the model is saved for SDPA. With
    ``joint_tower_lr > 0`` the tower keeps training here, end to end under the answer loss and
    anchored by the dense per-patch loss of stage 1.
@@ -66,6 +69,8 @@ class ShapesLlavaRecipe:
     attention_layer: int = -2  # ... in this decoder layer
     word_attention_weight: float = 1.0  # attention supervision at the question's last word
     word_attention_layer: int = 1  # ... in this decoder layer
+    relay_weight: float = 0.0  # attention supervision from the answer position onto the question's last word
+    relay_layer: int = 2  # ... in this decoder layer (after word_attention_layer)
     weight_decay: float = 0.05
     seed: int = 0
     init: str = ""  # a saved training state (folder holding weights.safetensors) to start from; "" = fresh
@@ -152,6 +157,12 @@ def attention_loss(attention: torch.Tensor, rows: torch.Tensor, positions: torch
     ``rows`` put on their evidence patches. ``attention`` (B, H, T, T); ``image_positions`` (B, P)."""
     on_image = attention[rows, :, positions].mean(1).gather(1, image_positions[rows])  # (M, P)
     return -torch.log((on_image * masks).sum(-1) + 1e-6).mean()
+
+
+def relay_loss(attention: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean ``-log`` of the attention (mean over heads) from ``positions`` of ``rows`` onto
+    ``targets`` of the same rows (one token each). ``attention`` (B, H, T, T)."""
+    return -torch.log(attention[rows, :, positions, targets].mean(1) + 1e-6).mean()
 
 
 def dense_loss(heads: torch.nn.ModuleDict, patches: torch.Tensor, batch, patch: int) -> torch.Tensor:
@@ -244,7 +255,7 @@ class ShapesLlavaTrainer(Trainer):
         focus = (r.focus_type,) * r.focus_questions
         conversations = [conversation(e, tokenizer, self.image_tokens, self.rng, r.per_type, focus) for e in batch]
         inputs = {k: v.to(self.device) for k, v in collate(conversations, tokenizer.pad_token_id).items()}
-        supervised = r.attention_weight > 0 or r.word_attention_weight > 0
+        supervised = r.attention_weight > 0 or r.word_attention_weight > 0 or r.relay_weight > 0
         joint = r.joint_tower_lr > 0
         features: list[torch.Tensor] = []
         hook = self.tower.register_forward_hook(lambda _m, _a, out: features.append(out.last_hidden_state)) if joint else None
@@ -269,6 +280,10 @@ class ShapesLlavaTrainer(Trainer):
                     term = attention_loss(result.attentions[layer], rows, positions, image_positions, masks)
                     loss = loss + weight * term
                     record[name] = term.item()
+            if r.relay_weight > 0:
+                term = relay_loss(result.attentions[r.relay_layer], rows, answers, words)
+                loss = loss + r.relay_weight * term
+                record["relay"] = term.item()
         self._clip_and_step(self.vlm_params + (self.tower_params if joint else []), loss)
         return record
 
