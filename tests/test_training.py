@@ -75,7 +75,10 @@ def test_a_run_started_from_another_runs_state_trains_the_tower_jointly(tmp_path
     assert not all(torch.equal(after_joint[k], start[k]) for k in tower)
     assert not all(torch.equal(after_frozen[k], start[k]) for k in decoder)
     assert "dense" in read_log(tmp_path / "joint" / LOG)[0] and "dense" not in read_log(tmp_path / "frozen" / LOG)[0]
-    assert "initialised from" in json.loads((tmp_path / "joint" / "training.json").read_text())["data"]
+    record = json.loads((tmp_path / "joint" / "training.json").read_text())
+    assert "initialised from" in record["data"]
+    first_record = json.loads((first / "training.json").read_text())
+    assert record["lineage"] == [{"command": first_record["command"], "minutes": first_record["minutes"]}]
     with pytest.raises(FileNotFoundError, match="holds no saved training state"):
         ShapesLlavaTrainer(replace(follow, init=str(tmp_path)), tmp_path / "x", OPTIONS, TINY).run()
 

@@ -23,7 +23,8 @@ Two stages, one resumable run (:mod:`vtc.train.loop`):
 
 A run may start from the weights of another run's saved state (``init``: its model and dense
 heads, not its optimizer), e.g. to continue a finished run under a new schedule; ``image_offset``
-then moves it onto train images that run did not see.
+then moves it onto train images that run did not see. Its ``training.json`` then lists the runs it
+continues (``lineage``: their commands and minutes), so the checkpoint can be rebuilt from scratch.
 
 Every image comes from the train split in order (``step * batch + i``), every random choice from
 one numpy generator and torch's generator, both saved with the state, so a resumed run is bit for
@@ -32,6 +33,7 @@ bit the uninterrupted one.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -188,6 +190,18 @@ def init_weights(init: str) -> Path:
                             f"{STATE_DIR}/weights.safetensors); give a run folder or its state folder")
 
 
+def init_lineage(init: str) -> list[dict[str, Any]]:
+    """The runs a run started with ``init`` continues, oldest first: each one's command and minutes,
+    read from the ``training.json`` beside the state (empty when there is none)."""
+    state = init_weights(init).parent
+    for folder in (state, state.parent):
+        record = folder / "training.json"
+        if record.is_file():
+            earlier = json.loads(record.read_text())
+            return [*earlier.get("lineage", []), {"command": earlier["command"], "minutes": earlier["minutes"]}]
+    return []
+
+
 class ShapesLlavaTrainer(Trainer):
     """Builds the model, runs both stages resumably and writes the checkpoint folder."""
 
@@ -334,7 +348,8 @@ class ShapesLlavaTrainer(Trainer):
         self.processor.save_pretrained(self.out)
         val = vlm_scores(self.model, self.processor, shapes.examples("val", self.options.val_examples))
         r = self.recipe
-        self.record(command, minutes, val_accuracy=val.accuracy, val_by_type=val.by_type(),
+        lineage = {"lineage": init_lineage(r.init)} if r.init else {}
+        self.record(command, minutes, **lineage, val_accuracy=val.accuracy, val_by_type=val.by_type(),
                     val_questions=self.options.val_examples,
                     data=(f"vtc.data.shapes train split: tower stage indices {r.image_offset} .. "
                           f"{r.image_offset + r.tower_steps * r.tower_batch - 1}, vlm stage the next "
