@@ -211,7 +211,7 @@ class VisualPipeline:
             if not self.connector.before_projector:
                 state = state.replace(x=self._project(state.x))
             counts = state.valid.sum(dim=1).tolist() if state.valid is not None else [state.x.shape[1]] * state.x.shape[0]
-            targets = [self.connector.target(n - state.n_prefix) for n in counts]
+            targets = [self.connector.runtime_target(n - state.n_prefix) for n in counts]
             state = self._reduce(state, signals, targets, self.tower.info.grid)
         x = self._project(state.x) if self.connector is None or self.connector.before_projector else state.x
         ordered = self.connector is not None and self.connector.ordered

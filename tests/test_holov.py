@@ -351,3 +351,31 @@ def test_each_image_of_a_padded_batch_gets_its_own_crop_count():
         single = TokenState(x=x, size=None, origin=torch.arange(x.shape[1])[None], valid=None, n_prefix=1, grid=None)
         alone = reducer.reduce_visual(single, Signals(cls_attn=cls_attn), torch.tensor([4]))
         assert torch.equal(together.x[row, :5], alone.x[0])
+
+
+@pytest.mark.parametrize("connector", ["holov", "random"])
+def test_a_fixed_budget_after_dymu_caps_each_image_and_keeps_smaller_ones_whole(shapes_llava, connector):
+    """DyMU leaves each image its own count; a connector budget k is a cap: images with fewer
+    tokens keep them all, the others exactly k, and the batch equals single runs."""
+    from PIL import Image
+
+    from vtc.data import shapes
+
+    model, processor = shapes_llava.model, shapes_llava.processor
+    batch = shapes.examples("test", 8)
+    inputs = processor(images=[Image.fromarray(e.image) for e in batch], text=[e.prompt for e in batch],
+                       padding=True, return_tensors="pt")
+    with torch.no_grad(), vtc.apply(model, "dymu:preset=low,vtu=off") as handle:
+        model(**inputs)
+        merged = handle.visual_tokens
+    k = sorted(merged)[len(merged) // 2]
+    assert min(merged) < k <= max(merged)  # some images below the budget, some above
+    spec = f"holov:k={k}" if connector == "holov" else f"random:tokens={k}"
+    with torch.no_grad(), vtc.apply(model, "dymu:preset=low,vtu=off", spec) as handle:
+        model(**inputs)
+        assert handle.visual_tokens == [min(n, k) for n in merged]
+        batched = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        for i, example in enumerate(batch):
+            one = processor(images=[Image.fromarray(example.image)], text=[example.prompt], return_tensors="pt")
+            single = model.generate(**one, max_new_tokens=2, do_sample=False)
+            assert torch.equal(single[0, -2:], batched[i, -2:])

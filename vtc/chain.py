@@ -140,11 +140,16 @@ class ConnectorChain(ConnectorReducer, register=False):
             num_tokens = reducer.target(num_tokens)
         return num_tokens
 
+    def runtime_target(self, num_tokens: int) -> int:
+        for reducer in self.reducers:
+            num_tokens = reducer.runtime_target(num_tokens)
+        return num_tokens
+
     def reduce_visual(self, state: TokenState, signals: Signals, targets: torch.Tensor) -> TokenState:
         counts = [int(n) - state.n_prefix for n in state.real_counts().tolist()]
         for index, reducer in enumerate(self.reducers):
             last = index == len(self.reducers) - 1
-            counts = [reducer.target(n) for n in counts]
+            counts = [reducer.runtime_target(n) for n in counts]
             stage = targets if last else torch.tensor(counts, device=targets.device)
             state = reducer.reduce_visual(state, signals if index == 0 else Signals(), stage)
         return state

@@ -198,6 +198,18 @@ class ConnectorReducer(Reducer):
         when the budget asks for more than there are."""
         raise NotImplementedError
 
+    def budget_cap(self) -> int | None:
+        """The fixed number of tokens kept per image, for reducers whose budget is one."""
+        return None
+
+    def runtime_target(self, num_tokens: int) -> int:
+        """Tokens kept of an image that reaches the connector with ``num_tokens``, fewer than
+        :meth:`check_connector` saw when an encoder reducer with per-image counts ran first: a
+        fixed budget (:meth:`budget_cap`) is a cap, so an image with no more tokens keeps them all;
+        otherwise :meth:`target`."""
+        cap = self.budget_cap()
+        return num_tokens if cap is not None and cap >= num_tokens else self.target(num_tokens)
+
     def reduce_visual(self, state: TokenState, signals: Signals, targets: torch.Tensor) -> TokenState:
         """Reduce a (B, N, C) batch of per-image sequences (padded where ``state.valid`` says) so
         row ``b`` keeps ``targets[b]`` non-prefix tokens; ragged results come back padded, with

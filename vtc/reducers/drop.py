@@ -150,7 +150,8 @@ class RandomDrop(_DropAtLayers, ScoringConnectorReducer):
     ``seed`` and the layer index and is the same for every image of a batch.
 
     At the connector (the default on a vision-language model) each image keeps ``tokens`` (or
-    ``ceil(keep * N)``) of its visual tokens before the projector: every token position gets a
+    ``ceil(keep * N)``) of its visual tokens before the projector (``tokens`` is a cap: an image
+    arriving with no more, after an encoder reducer, keeps all): every token position gets a
     priority drawn from ``seed``, the same for every image, and the highest ones are kept, so an
     image keeps the same tokens alone or in a batch. Kept tokens stay in their current order.
     """
@@ -179,6 +180,9 @@ class RandomDrop(_DropAtLayers, ScoringConnectorReducer):
         if self.tokens > num_tokens:
             raise ValueError(f"random: tokens={self.tokens} is more than the {num_tokens} visual tokens of an image")
         return self.tokens
+
+    def budget_cap(self) -> int | None:
+        return self.tokens if isinstance(self.tokens, int) else None
 
     def score(self, state: TokenState, signals: Signals) -> torch.Tensor:
         """A priority per token position drawn from ``seed`` (on the CPU, so a longer draw starts

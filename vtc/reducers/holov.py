@@ -224,7 +224,8 @@ class HoloV(ConnectorReducer):
     """Keep ``k`` visual tokens per image, balanced over crops by holistic scores.
 
     Args:
-        k: visual tokens kept per image (1..N).
+        k: visual tokens kept per image (1..N); an image that reaches the connector with no more
+            (after an encoder reducer with per-image counts, e.g. DyMU) keeps all of its tokens.
         crops: number of crops C (default: the paper's rule, see module docstring).
         shape: ``bands`` (contiguous runs in raster order) or ``blocks`` (2-D tiles).
         lam: weight of the rescaled similarity variance (paper 1, LLaVA code 0.09).
@@ -286,6 +287,9 @@ class HoloV(ConnectorReducer):
         if self.k > num_tokens:
             raise ValueError(f"holov: k={self.k} is more than the {num_tokens} visual tokens of an image")
         self.crop_count(num_tokens, self.k)
+        return self.k
+
+    def budget_cap(self) -> int:
         return self.k
 
     def crop_count(self, num_tokens: int, k: int) -> int:
