@@ -2,8 +2,8 @@
 
 Each checkpoint is a folder under ``models/checkpoints/`` holding what its library saves
 (timm: ``config.json`` + ``model.safetensors``; HF: ``save_pretrained`` of model and processor),
-``training.json`` (the command that reproduces it) and ``card.json`` (its accuracy on the shapes
-test split, written by :func:`write_card`). Loading goes through the libraries' own paths:
+``training.json`` (the command that reproduces it, after the runs it continues: ``lineage``) and
+``card.json`` (its accuracy on the shapes test split, written by :func:`write_card`). Loading goes through the libraries' own paths:
 ``timm.create_model("local-dir:...")`` and ``from_pretrained``.
 """
 
@@ -25,7 +25,7 @@ SUBSET = 500  # the fixed test subset a card reports (the first SUBSET test exam
 class Entry:
     kind: str  # "timm" | "llava"
     description: str
-    train: str  # the command that writes the shipped folder
+    train: str  # the command(s) that write the shipped folder
 
 
 ZOO = {
@@ -34,7 +34,9 @@ ZOO = {
                         "python scripts/train_shapes_vit.py --out models/checkpoints/shapes-vit --overwrite"),
     "shapes-llava": Entry("llava", "LLaVA-1.5-style VLM (CLIP 6 x 96 tower, 256 visual tokens, Llama 6 x 128 "
                           "decoder) answering vtc.data.shapes questions",
-                          "python scripts/train_shapes_llava.py --out models/checkpoints/shapes-llava --overwrite"),
+                          "python scripts/train_shapes_llava.py --out outputs/shapes-llava-r3 --threads 2, then the runs "
+                          "r5, r6 and r7, each with --init from the one before (their commands: BENCHMARKS.md, training "
+                          "runs; the shipped training.json lists them as lineage), and copy r7's folder here"),
 }
 
 

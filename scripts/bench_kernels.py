@@ -32,6 +32,7 @@ from vtc.commands.common import prepare_output
 from vtc.kernels import merge_weighted, triton_available, use_backend
 from vtc.measure import time_calls
 from vtc.merge import bipartite_soft_matching
+from vtc.stats import speedup_spread
 
 SHAPES = ((64, 197, 768), (64, 577, 1024), (8, 2305, 1152))
 PEAK_GBS = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H100": 3350, "H200": 4800, "A100-SXM4-80GB": 2039,
@@ -76,6 +77,44 @@ def peak_gbs(device: torch.device, given: float | None) -> float | None:
     return next((value for key, value in PEAK_GBS.items() if key in name), None)
 
 
+def measure_shape(shape: tuple[int, int, int], r_fraction: float, dtype: torch.dtype, device: torch.device,
+                  warmup: int, repeats: int, peak: float | None) -> list[dict]:
+    """One merge step (r = ``r_fraction`` N) on random (B, N, C) ``shape`` tokens: ToMe's
+    formulation, vtc's reference and (CUDA with Triton) vtc's fused kernels, timed interleaved.
+    One row per path: median ms, GB/s of the least bytes a fused step moves, that as a fraction of
+    ``peak``, speedups against ToMe's and the reference (medians of per-repeat ratios), and the
+    fused output's largest difference from the reference."""
+    batch, n, channels = shape
+    generator = torch.Generator().manual_seed(n)
+    x = torch.randn(batch, n, channels, generator=generator).to(device, dtype)
+    size = (torch.rand(batch, n, generator=generator) + 0.5).to(device)
+    r = int(n * r_fraction)
+
+    def with_backend(name: str):
+        def run():
+            with use_backend(name):
+                return vtc_step(x, size, r)
+        return run
+
+    calls = {"tome": lambda: tome_step(x, size, r), "reference": with_backend("reference")}
+    difference = None
+    if device.type == "cuda" and triton_available():
+        calls["triton"] = with_backend("triton")
+        with torch.inference_mode():
+            difference = (calls["triton"]()[0].float() - calls["reference"]()[0].float()).abs().max().item()
+    timings = dict(zip(calls, time_calls(list(calls.values()), warmup=warmup, repeats=repeats, device=device)))
+    moved = least_bytes(batch, n, channels, r, x.element_size())
+    rows = []
+    for name, timing in timings.items():
+        gbs = moved / timing.median / 1e9
+        rows.append({"shape": f"{batch}x{n}x{channels}", "r": r, "path": name, "ms": timing.median * 1e3, "gb_per_s": gbs,
+                     "fraction_of_peak": None if peak is None else gbs / peak,
+                     "speedup_vs_tome": speedup_spread(timings["tome"].samples, timing.samples).median,
+                     "speedup_vs_reference": speedup_spread(timings["reference"].samples, timing.samples).median,
+                     "max_abs_diff_to_reference": difference if name == "triton" else None})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("Example:")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -90,39 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = prepare_output(parser, args.out, args.overwrite)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    fused = device.type == "cuda" and triton_available()
     peak = peak_gbs(device, args.peak_gbs)
     rows = []
     for batch, n, channels in SHAPES:
-        generator = torch.Generator().manual_seed(n)
-        x = torch.randn(batch, n, channels, generator=generator).to(device, dtype)
-        size = (torch.rand(batch, n, generator=generator) + 0.5).to(device)
-        r = int(n * args.r_fraction)
-        calls = {"tome": lambda x=x, size=size, r=r: tome_step(x, size, r)}
-
-        def with_backend(name, x=x, size=size, r=r):
-            def run():
-                with use_backend(name):
-                    return vtc_step(x, size, r)
-            return run
-
-        calls["reference"] = with_backend("reference")
-        if fused:
-            calls["triton"] = with_backend("triton")
-            with use_backend("triton"):
-                fused_out = vtc_step(x, size, r)[0]
-            with use_backend("reference"):
-                reference_out = vtc_step(x, size, r)[0]
-            agreement = (fused_out.float() - reference_out.float()).abs().max().item()
-        timings = time_calls(list(calls.values()), warmup=args.warmup, repeats=args.repeats, device=device)
-        moved = least_bytes(batch, n, channels, r, x.element_size())
-        for name, timing in zip(calls, timings):
-            gbs = moved / timing.median / 1e9
-            rows.append({"shape": [batch, n, channels], "r": r, "path": name, "ms": timing.median * 1e3,
-                         "gb_per_s": gbs, "fraction_of_peak": None if peak is None else gbs / peak,
-                         "max_abs_diff_to_reference": agreement if fused and name == "triton" else None})
-            fraction = "" if peak is None else f", {gbs / peak:.0%} of peak"
-            print(f"{(batch, n, channels)} r={r} {name:9s} {timing.median * 1e3:9.3f} ms  {gbs:8.1f} GB/s{fraction}",
+        for row in measure_shape((batch, n, channels), args.r_fraction, dtype, device, args.warmup, args.repeats, peak):
+            rows.append(row)
+            fraction = "" if peak is None else f", {row['fraction_of_peak']:.0%} of peak"
+            print(f"{(batch, n, channels)} r={row['r']} {row['path']:9s} {row['ms']:9.3f} ms  {row['gb_per_s']:8.1f} GB/s{fraction}",
                   flush=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     setting = f"{name}, {args.dtype}, r = {args.r_fraction} N, {args.warmup} warm-up + {args.repeats} interleaved repeats"

@@ -20,7 +20,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("adapters", ("vtc.models",)),
     ("api", ("=vtc", "vtc.apply", "vtc.dymu", "vtc.holov", "vtc.answer")),
     ("tools", ("vtc.measure", "vtc.measure_vlm", "vtc.data", "vtc.train", "vtc.stats", "vtc.viz", "vtc.records",
-               "vtc.shapes_benchmark", "vtc.tune", "vtc.harness", "vtc.lmms", "vtc.demo", "vtc.commands", "vtc.cli")),
+               "vtc.shapes_benchmark", "vtc.shapes_plots", "vtc.tune", "vtc.harness", "vtc.lmms", "vtc.demo", "vtc.commands", "vtc.cli")),
 )
 # Package name -> source folder (pyproject.toml's package-dir).
 SOURCES = {"vtc": "vtc", "vtc.models": "models", "vtc.kernels": "kernels"}

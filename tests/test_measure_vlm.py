@@ -127,3 +127,28 @@ def test_compare_answers_runs_both_sides(llava):
     assert "_vtc_handle" not in model.__dict__
     with vtc.apply(model), pytest.raises(ValueError, match="applies the reducers itself"):
         compare_answers(model, [], inputs)
+
+
+def test_time_generation_times_whole_calls_interleaved(llava):
+    from vtc.measure_vlm import time_generation
+
+    model, processor = llava
+    inputs = processor(images=lm.images(2), text=lm.prompts(2), padding=True, return_tensors="pt")
+    full, pooled = time_generation(model, [(), ("pool:tokens=4",)], inputs, new_tokens=3, warmup=0, repeats=2)
+    for timing in (full, pooled):
+        assert (timing.batch, timing.new_tokens) == (2, 3)
+        assert len(timing.first_token) == len(timing.decode) == len(timing.total) == 2
+        assert all(0 < first and 0 < decode and first + decode <= total
+                   for first, decode, total in zip(timing.first_token, timing.decode, timing.total))
+        assert timing.decode_tokens_per_second == pytest.approx(2 / timing.decode_seconds)
+        assert timing.total_tokens_per_second == pytest.approx(2 * 3 / timing.total_seconds)
+        assert timing.peak_memory_bytes is None and timing.start_memory_bytes is None  # CPU
+    assert pooled.visual_tokens == [4, 4] and min(full.visual_tokens) > 4
+    with vtc.apply(model, "pool:tokens=4"):  # the same cache as profile() measures
+        assert profile(model, inputs, new_tokens=3, timed=False).kv_cache_bytes == pooled.kv_cache_bytes
+    assert pooled.kv_cache_bytes < full.kv_cache_bytes
+    assert "_vtc_handle" not in model.__dict__ and "generate" not in model.__dict__
+    with pytest.raises(ValueError, match="new_tokens >= 2"):
+        time_generation(model, [()], inputs, new_tokens=1)
+    with vtc.apply(model), pytest.raises(ValueError, match="applies the reducers itself"):
+        time_generation(model, [()], inputs)

@@ -60,6 +60,8 @@ def test_cards_and_training_records_are_complete(shapes_vit, shapes_llava):
         assert set(ckpt.card["test_by_type"]) <= set(shapes.QUESTION_TYPES)
         assert ckpt.training["command"].startswith("python scripts/train_shapes_")
         assert ckpt.training["minutes"] > 0 and ckpt.training["threads"] == 2
+        for earlier in ckpt.training.get("lineage", []):  # runs it continues (--init), oldest first
+            assert earlier["command"].startswith("python scripts/train_shapes_") and earlier["minutes"] > 0
 
 
 def test_unknown_name_missing_checkpoint_and_bad_folder_are_clear(tmp_path, monkeypatch):

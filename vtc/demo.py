@@ -30,6 +30,7 @@ import vtc
 from vtc import shapes_benchmark as bench
 from vtc.measure import Comparison, compare
 from vtc.records import write_records
+from vtc.shapes_plots import write_outputs
 from vtc.viz import save_groups
 
 # Colour images bundled inside the scikit-image package (checked to load without pooch/network).
@@ -344,7 +345,7 @@ def run_shapes(options: DemoOptions, echo: Callable[[str], None]) -> tuple[list,
     echo(bench.format_table(rows))
     for budget in [b for b in RANKED_BUDGETS if b in bench_options.budgets]:
         echo(bench.format_rankings(rows, budget))
-    return rows, bench.write_outputs(rows, options.out_dir, bench_options, "vtc demo")
+    return rows, write_outputs(rows, options.out_dir, bench_options, "vtc demo")
 
 
 def run(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoResult:

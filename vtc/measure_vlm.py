@@ -10,8 +10,10 @@
 For each stage it reports FLOPs counted by ``torch.utils.flop_counter`` beside the analytic count
 from token numbers (:func:`llm_flops`, ``vtc.measure.analytic_flops``) and the median latency; also
 the visual tokens per image, the peak CUDA memory and the KV-cache size; :func:`time_stages` times
-several reducer sets in one interleaved loop. :func:`answer_fidelity` compares greedy answers with
-the unreduced model's (exact match and token agreement); :func:`compare_answers` runs both.
+several reducer sets in one interleaved loop, and :func:`time_generation` times whole ``generate()``
+calls of several reducer sets the same way (time to first token, decode steps, the whole call).
+:func:`answer_fidelity` compares greedy answers with the unreduced model's (exact match and token
+agreement); :func:`compare_answers` runs both.
 """
 
 from __future__ import annotations
@@ -193,6 +195,108 @@ def time_stages(model: nn.Module, reducer_sets: Sequence[Sequence], inputs: dict
         results.append({**_stage_seconds(vision.median, prefill.median, calls, repeats),
                         "vision_prefill_samples": list(prefill.samples)})
     return results
+
+
+@dataclass
+class GenerationTiming:
+    """End-to-end greedy ``generate()`` of one reducer set, one sample per interleaved repeat.
+
+    ``first_token``: seconds from the call to the first new token (vision, connector, prefill and
+    the first token); ``decode``: from the first to the last new token (the ``new_tokens - 1``
+    decode steps); ``total``: the whole call. ``kv_cache_bytes``: the cache ``generate`` returns
+    (prompt + ``new_tokens - 1`` positions). ``peak_memory_bytes``: the largest
+    ``torch.cuda.max_memory_allocated`` over the calls (weights included; the peak is reset before
+    each call) and ``start_memory_bytes`` what was allocated when that call began; both None on
+    the CPU, which has no per-call allocator peak."""
+
+    batch: int
+    new_tokens: int
+    visual_tokens: list[int]
+    first_token: list[float]
+    decode: list[float]
+    total: list[float]
+    kv_cache_bytes: int
+    peak_memory_bytes: int | None
+    start_memory_bytes: int | None
+
+    @property
+    def first_token_seconds(self) -> float:
+        return statistics.median(self.first_token)
+
+    @property
+    def decode_seconds(self) -> float:
+        return statistics.median(self.decode)
+
+    @property
+    def total_seconds(self) -> float:
+        return statistics.median(self.total)
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Decode steps per second of one sequence (the batch makes ``batch`` times as many tokens)."""
+        return (self.new_tokens - 1) / self.decode_seconds
+
+    @property
+    def total_tokens_per_second(self) -> float:
+        """New tokens of the whole batch per second of the whole call."""
+        return self.batch * self.new_tokens / self.total_seconds
+
+
+def time_generation(model: nn.Module, reducer_sets: Sequence[Sequence], inputs: dict, new_tokens: int = 32,
+                    warmup: int = 1, repeats: int = 5) -> list[GenerationTiming]:
+    """Time greedy ``generate()`` of exactly ``new_tokens`` tokens (``min_new_tokens`` too) under
+    each set of reducers, all in one interleaved loop (repeat ``i`` of every set back to back), on
+    the unpatched ``model``. Each call applies its reducers, synchronises CUDA, and is timed from
+    just before ``generate`` to its return; the applying and removing are not timed. Every call
+    is checked to return and to step through exactly ``new_tokens`` new tokens (RuntimeError
+    otherwise)."""
+    if new_tokens < 2:
+        raise ValueError(f"time_generation needs new_tokens >= 2 (a first token and a decode step), got {new_tokens}")
+    if active_handle(model) is not None:
+        raise ValueError("time_generation() applies the reducers itself; call handle.remove() first")
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    settings = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens, return_dict_in_generate=True)
+    batch, prompt = (int(n) for n in inputs["input_ids"].shape)
+    samples: list[dict] = [{"first_token": [], "decode": [], "total": [], "peak": None, "start": None,
+                            "kv": 0, "visual": []} for _ in reducer_sets]
+
+    def once(reducers: Sequence, record: dict | None) -> None:
+        with apply(model, *reducers) as handle:
+            clock = _StepClock(device)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+                start_memory = torch.cuda.memory_allocated(device)
+            _sync(device)
+            start = time.perf_counter()
+            out = model.generate(**inputs, **settings, stopping_criteria=StoppingCriteriaList([clock]))
+            _sync(device)
+            end = time.perf_counter()
+            visual = list(handle.visual_tokens)
+        made = out.sequences.shape[1] - prompt  # the returned sequences start with the prompt
+        if len(clock.stamps) != new_tokens or made != new_tokens:
+            raise RuntimeError(f"generate() made {made} new tokens in {len(clock.stamps)} steps, not the {new_tokens} asked for")
+        if record is None:
+            return
+        record["first_token"].append(clock.stamps[0] - start)
+        record["decode"].append(clock.stamps[-1] - clock.stamps[0])
+        record["total"].append(end - start)
+        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        record["kv"], record["visual"] = _kv_bytes(cache), visual
+        if cuda:
+            peak = torch.cuda.max_memory_allocated(device)
+            if record["peak"] is None or peak > record["peak"]:
+                record["peak"], record["start"] = peak, start_memory
+
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for reducers in reducer_sets:
+                once(reducers, None)
+        for _ in range(repeats):
+            for reducers, record in zip(reducer_sets, samples):
+                once(reducers, record)
+    return [GenerationTiming(batch, new_tokens, s["visual"], s["first_token"], s["decode"], s["total"], s["kv"],
+                             s["peak"], s["start"]) for s in samples]
 
 
 def profile(model: nn.Module, inputs: dict, new_tokens: int = 8, warmup: int = 1, repeats: int = 5,

@@ -271,14 +271,6 @@ def write_json(rows: Sequence[Row], path: Path, options: BenchmarkOptions, comma
     return path
 
 
-def write_outputs(rows: Sequence[Row], out: Path, options: BenchmarkOptions, command: str) -> list[Path]:
-    """shapes.csv, shapes.json, pareto.png and per_type.png under ``out``."""
-    from vtc.shapes_plots import plot_pareto, plot_per_type
-
-    return [write_csv(rows, out / "shapes.csv"), write_json(rows, out / "shapes.json", options, command),
-            plot_pareto(rows, out / "pareto.png"), plot_per_type(rows, out / "per_type.png")]
-
-
 def _with_interval(accuracy: float, interval: tuple[float, float]) -> str:
     return f"{accuracy:.3f} ({interval[0]:.2f}-{interval[1]:.2f})"
 

@@ -1,12 +1,13 @@
 """Plots of the shapes benchmark's rows (:mod:`vtc.shapes_benchmark`): accuracy against visual
-tokens and FLOPs (Pareto curves), and accuracy per question type with 95% intervals (bars)."""
+tokens and FLOPs (Pareto curves), and accuracy per question type with 95% intervals (bars);
+:func:`write_outputs` writes every result file of a run."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-from vtc.shapes_benchmark import Row
+from vtc.shapes_benchmark import BenchmarkOptions, Row, write_csv, write_json
 
 
 def _pyplot():
@@ -50,8 +51,12 @@ def plot_pareto(rows: Sequence[Row], path: Path) -> Path:
 def _budget_title(rows: Sequence[Row], budget: int) -> str:
     if budget < 0:
         return "extra specs"
-    presets = [r.spec.partition("preset=")[2].partition(",")[0] for r in rows if r.reducer.startswith("dymu")]
-    return f"DyMU {'/'.join(dict.fromkeys(presets))} (target {budget})" if presets else f"{budget} visual tokens"
+    presets = "/".join(dict.fromkeys(r.spec.partition("preset=")[2].partition(",")[0] for r in rows
+                                      if r.reducer.startswith("dymu")))
+    if not presets:
+        return f"{budget} visual tokens"
+    dymu = f"DyMU {presets} (target {budget})"
+    return f"{budget} visual tokens, {dymu}" if any(not r.reducer.startswith("dymu") for r in rows) else dymu
 
 
 def plot_per_type(rows: Sequence[Row], path: Path) -> Path:
@@ -91,3 +96,9 @@ def plot_per_type(rows: Sequence[Row], path: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def write_outputs(rows: Sequence[Row], out: Path, options: BenchmarkOptions, command: str) -> list[Path]:
+    """shapes.csv, shapes.json, pareto.png and per_type.png under ``out``."""
+    return [write_csv(rows, out / "shapes.csv"), write_json(rows, out / "shapes.json", options, command),
+            plot_pareto(rows, out / "pareto.png"), plot_per_type(rows, out / "per_type.png")]

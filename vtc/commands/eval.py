@@ -16,7 +16,8 @@ from vtc.commands.models import FORMS, ModelSpecError, load_model
 from vtc.data import shapes
 from vtc.data.evaluate import classifier_scores, vlm_scores
 from vtc.models import zoo
-from vtc.shapes_benchmark import BUDGETS, DYMU_PRESETS, REDUCERS, BenchmarkOptions, format_table, run, write_outputs
+from vtc.shapes_benchmark import BUDGETS, DYMU_PRESETS, REDUCERS, BenchmarkOptions, format_table, run
+from vtc.shapes_plots import write_outputs
 
 DESCRIPTION = """\
 Accuracy of reducers beside the unreduced model: the shapes benchmark (default) or, with --folder,

@@ -24,5 +24,7 @@ def write_results(out: Path | str, rows: Sequence[HarnessRow], setup: Mapping[st
     out.mkdir(parents=True, exist_ok=True)
     records = [{"model": setup.get("model", ""), **row.record()} for row in rows]
     write_records(paths[0], COLUMNS, records)
-    paths[1].write_text(json.dumps({**environment(), **setup, "rows": records}, indent=2) + "\n")
+    recorded = environment()
+    versions = {**recorded["versions"], **dict(setup.get("versions") or {})}  # the caller's add to or correct ours
+    paths[1].write_text(json.dumps({**recorded, **setup, "versions": versions, "rows": records}, indent=2) + "\n")
     return paths
