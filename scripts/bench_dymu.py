@@ -40,6 +40,7 @@ from vtc.data.training import pixels
 from vtc.dymu import PRESETS, calibrate, load_calibration, merge_schedule, token_counts
 from vtc.measure import time_calls
 from vtc.measure_vlm import profile, time_stages
+from vtc.records import device_description
 
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_llava  # noqa: E402  (the 7B-shaped LLaVA builders)
@@ -182,8 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
     out = prepare_output(parser, args.out, args.overwrite)
-    machine = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
-    setting = f"{machine}, {args.dtype}, torch {torch.__version__}, {args.repeats} interleaved repeats"
+    setting = f"{device_description(args.device)}, {args.dtype}, torch {torch.__version__}, {args.repeats} interleaved repeats"
     result = {"setting": setting}
     text = [setting]
     if args.skip != "vit":

@@ -32,6 +32,7 @@ from vtc.commands.common import prepare_output
 from vtc.kernels import merge_weighted, triton_available, use_backend
 from vtc.measure import time_calls
 from vtc.merge import bipartite_soft_matching
+from vtc.records import device_description
 from vtc.stats import speedup_spread
 
 SHAPES = ((64, 197, 768), (64, 577, 1024), (8, 2305, 1152))
@@ -137,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             fraction = "" if peak is None else f", {row['fraction_of_peak']:.0%} of peak"
             print(f"{(batch, n, channels)} r={row['r']} {row['path']:9s} {row['ms']:9.3f} ms  {row['gb_per_s']:8.1f} GB/s{fraction}",
                   flush=True)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    setting = f"{name}, {args.dtype}, r = {args.r_fraction} N, {args.warmup} warm-up + {args.repeats} interleaved repeats"
+    setting = (f"{device_description(device)}, {args.dtype}, r = {args.r_fraction} N, {args.warmup} warm-up + "
+               f"{args.repeats} interleaved repeats")
     (out / "bench_kernels.json").write_text(json.dumps({"setting": setting, "rows": rows}, indent=2))
     print(setting)
     return 0

@@ -51,7 +51,7 @@ import torch
 import vtc
 from vtc.commands.common import device, positive_int, prepare_output
 from vtc.measure_vlm import profile, time_generation, time_stages
-from vtc.records import environment
+from vtc.records import device_description, environment
 from vtc.stats import speedup_spread
 
 SHAPES = {
@@ -120,10 +120,6 @@ def cases_for(reducers: list[str], tokens: list[int]) -> list[tuple[str, int, tu
     cases += [(name, count, (f"{name}:{OPTION[name]}={count}",)) for name in reducers for count in tokens
               if not (name == "pool" and count == 576)]
     return cases
-
-
-def machine(device_name: str) -> str:
-    return torch.cuda.get_device_name(device_name) if device_name.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
 
 
 def cell(value) -> str:
@@ -200,7 +196,7 @@ def main_e2e(args, out: Path, argv: list[str]) -> int:
     model = build_model(args.shape, getattr(torch, args.dtype), args.device, args.seed)
     rows = e2e_rows(model, cases_for(args.reducers, args.tokens), args.batches, args.new_tokens, args.warmup, args.repeats,
                     args.device, args.seed)
-    header = (f"LLaVA-1.5-7B-shaped ({args.shape}), {args.dtype}, {machine(args.device)}, torch {torch.__version__}: greedy "
+    header = (f"LLaVA-1.5-7B-shaped ({args.shape}), {args.dtype}, {device_description(args.device)}, torch {torch.__version__}: greedy "
               f"generate() of exactly {args.new_tokens} new tokens, batches {' '.join(map(str, args.batches))}, "
               f"{args.warmup} warm-up + {args.repeats} interleaved repeats")
     notes = E2E_NOTES + [CUDA_MEMORY_NOTE if args.device.startswith("cuda") else CPU_MEMORY_NOTE]
@@ -281,16 +277,13 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         row["prefill_speedup"] = base["prefill_ms"] / row["prefill_ms"]
         row["prefill_flops_reduction"] = base["prefill_gflops"] / row["prefill_gflops"]
-    header = (f"LLaVA-1.5-7B-shaped ({args.shape}), {args.dtype}, batch {args.batch}, {machine(args.device)}, "
+    header = (f"LLaVA-1.5-7B-shaped ({args.shape}), {args.dtype}, batch {args.batch}, {device_description(args.device)}, "
               f"{args.warmup} warm-up + {args.repeats} interleaved repeats, torch {torch.__version__}")
     columns = ["reducer", "visual_tokens", "prompt_tokens", "prefill_gflops", "prefill_flops_measured_over_predicted", "prefill_ms",
                "prefill_speedup", "prefill_flops_reduction", "vision_ms", "decode_ms_per_token", "kv_cache_mib"]
     if rows[0]["peak_memory_mib"] is not None:
         columns.append("peak_memory_mib")
-    table = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        table.append("| " + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
-    text = header + "\n\n" + "\n".join(table) + "\n"
+    text = header + "\n\n" + markdown_table(rows, columns) + "\n"
     (out / "bench_llava.md").write_text(text)
     (out / "bench_llava.json").write_text(json.dumps({"setting": header, "rows": rows}, indent=2))
     print(text)

@@ -36,6 +36,7 @@ import copy
 import gc
 import json
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -43,7 +44,6 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -53,9 +53,9 @@ from vtc.commands.common import device as device_type
 from vtc.commands.common import prepare_output
 from vtc.dymu import calibrate
 from vtc.kernels import triton_available
-from vtc.measure import image_flops, time_calls
+from vtc.measure import image_flops, patch_tokens, time_calls
 from vtc.measure_vlm import profile, time_stages
-from vtc.records import environment
+from vtc.records import device_description, environment
 from vtc.stats import speedup_spread
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -167,7 +167,7 @@ def check_vit(plan: Plan, device: torch.device, shared: dict) -> dict:
     train = bench_dymu.shapes_pixels("train", plan.calibration_images, size).to(device, DTYPE)
     with vtc.apply(model, f"tome:r={TOME_R}") as handle, torch.inference_mode():
         model(images)
-        tome_tokens = handle.token_counts[-1] - handle.adapter.info.n_prefix
+        tome_tokens = patch_tokens(handle)[0]
     calibration = calibrate(model, train, float(tome_tokens), batch_size=plan.vit_batch, clamp=True, progress=False)
     configs = {"unreduced": None, f"tome r={TOME_R}": f"tome:r={TOME_R}", "dymu": vtc.DyMU(calibration=calibration)}
     copies, handles, rows = {}, {}, []
@@ -181,11 +181,10 @@ def check_vit(plan: Plan, device: torch.device, shared: dict) -> dict:
                 copies[label](images)
                 per_image = handle.image_token_counts
                 layers = per_image.float() if per_image is not None else torch.tensor([handle.token_counts], dtype=torch.float)
-                n_prefix = handle.adapter.info.n_prefix
-                counts[label] = {"patch_tokens_out": (layers[:, -1] - n_prefix).mean().item(),
-                                 "patch_tokens_out_std": (layers[:, -1] - n_prefix).std().item() if layers.shape[0] > 1 else 0.0,
+                tokens = patch_tokens(handle)
+                counts[label] = {"patch_tokens_out": statistics.fmean(tokens), "patch_tokens_out_std": statistics.pstdev(tokens),
                                  "mean_tokens_per_layer": layers[:, :-1].mean().item(),
-                                 "padded_tokens_out": handle.token_counts[-1] - n_prefix,
+                                 "padded_tokens_out": handle.token_counts[-1] - handle.adapter.info.n_prefix,
                                  "gflops_per_image": image_flops(handle) / 1e9}
         timings = time_calls([lambda m=m: m(images) for m in copies.values()], warmup=plan.vit_warmup,
                              repeats=plan.vit_repeats, device=device)
@@ -216,7 +215,7 @@ def llava(plan: Plan, device: torch.device, shared: dict):
 def check_llava_prefill(plan: Plan, device: torch.device, shared: dict) -> dict:
     model = llava(plan, device, shared)
     inputs = bench_llava.build_inputs(plan.prefill_batch, str(device), seed=0)
-    cases = [("none", 576, ())] + [("pool", k, (f"pool:tokens={k}",)) for k in plan.prefill_tokens if k != 576]
+    cases = bench_llava.cases_for(["pool"], plan.prefill_tokens)
     reports = []
     for *_, specs in cases:
         with vtc.apply(model, *specs):
@@ -291,8 +290,9 @@ TABLE_COLUMNS = {
 
 
 def markdown(record: dict) -> str:
+    versions = record["environment"]["versions"]
     lines = [f"# GPU checks ({record['device']})", "", f"- command: `{record['command']}`",
-             f"- torch {record['environment']['versions']['torch']} (CUDA {record['cuda']}, Triton {record['triton']}), "
+             f"- torch {versions['torch']} (CUDA {versions['cuda']}, Triton {versions['triton']}), "
              f"dtype bfloat16, total {record['seconds']:.1f} s"
              + (" (DRY RUN: tiny shapes on the CPU, not a measurement)" if record["dry_run"] else ""), "",
              "| section | status | seconds | budget_s | result |", "|---|---|---|---|---|"]
@@ -310,13 +310,6 @@ def markdown(record: dict) -> str:
         memory = bench_llava.CPU_MEMORY_NOTE if record["dry_run"] else bench_llava.CUDA_MEMORY_NOTE
         lines += ["", "llava_e2e columns:"] + [f"- {note}" for note in [*bench_llava.E2E_NOTES, memory]]
     return "\n".join(lines) + "\n"
-
-
-def triton_version() -> str | None:
-    try:
-        return version("triton")
-    except PackageNotFoundError:
-        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -346,12 +339,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--device {args.device}: gpu_checks.py measures on a CUDA GPU; --dry-run runs it on the CPU")
     out = prepare_output(parser, args.out, args.overwrite)
     device = torch.device(name)
-    if device.type == "cuda":
+    if device.type == "cuda":  # "cuda" alone means the current GPU; set_device needs an index
+        device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
         torch.cuda.set_device(device)
     plan = DRY if args.dry_run else FULL
     record = {"command": "python scripts/gpu_checks.py " + " ".join(argv), "dry_run": args.dry_run,
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)",
-              "environment": environment(), "cuda": torch.version.cuda, "triton": triton_version(), "plan": asdict(plan),
+              "device": device_description(device), "environment": environment(), "plan": asdict(plan),
               "sections": {}, "seconds": 0.0}
     start, shared = time.perf_counter(), {}
     for section in [s for s in SECTIONS if s in args.sections]:

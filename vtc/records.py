@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 DISTRIBUTION = "vtc-vlm"
-LIBRARIES = ("transformers", "timm", "open_clip_torch")  # versions recorded with results
+LIBRARIES = ("transformers", "timm", "open_clip_torch", "triton")  # versions recorded with results
 
 
 def installed_version() -> str:
@@ -22,10 +22,17 @@ def installed_version() -> str:
         return "unknown (not installed as a distribution)"
 
 
+def device_description(device: str | torch.device) -> str:
+    """The GPU's name for a CUDA device, else ``CPU (<torch threads> threads)``: the machine line of a result."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+
+
 def environment() -> dict[str, dict[str, object]]:
-    """``versions`` (vtc, torch, Python and the model libraries) and ``machine`` (processor, torch
-    threads, GPU name when CUDA is present) for a results file."""
-    versions: dict[str, object] = {"vtc": installed_version(), "torch": torch.__version__, "python": platform.python_version()}
+    """``versions`` (vtc, torch, its CUDA, Python and the model libraries) and ``machine``
+    (processor, torch threads, GPU name when CUDA is present) for a results file."""
+    versions: dict[str, object] = {"vtc": installed_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+                                   "python": platform.python_version()}
     for library in LIBRARIES:
         try:
             versions[library] = version(library)

@@ -14,7 +14,7 @@ from torch import nn
 from vtc.commands.common import add_device_options, positive_int, prepare_output, reducer_spec
 from vtc.commands.models import FORMS, LoadedModel, ModelSpecError, add_model_options, load_model
 from vtc.harness.folders import IMAGE_SUFFIXES, image_files
-from vtc.harness.zero_shot import embedding_tensor
+from vtc.harness.zero_shot import image_embeddings
 from vtc.measure import compare
 from vtc.records import environment, write_records
 
@@ -56,10 +56,8 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def encoder_forward(model: nn.Module):
     """What fidelity compares: logits (timm, a classifier), the image embedding (open_clip, HF CLIP /
     SigLIP) or the pooled output (HF vision models)."""
-    if hasattr(model, "encode_image"):
-        return lambda m, x: m.encode_image(x)
-    if hasattr(model, "get_image_features"):
-        return lambda m, x: embedding_tensor(m.get_image_features(pixel_values=x))
+    if hasattr(model, "encode_image") or hasattr(model, "get_image_features"):
+        return image_embeddings
     if hasattr(model, "config") and hasattr(model, "vision_model"):
         return lambda m, x: m(pixel_values=x).pooler_output
     return lambda m, x: m(x)

@@ -69,10 +69,11 @@ SHAPES_ONLY = {"models": "--models", "reducers": "--reducers", "budgets": "--bud
                "write_cards": "--write-cards", "export_lmms": "--export-lmms"}
 FOLDER_ONLY = {"model": "--model", "pretrained": "--pretrained", "reducer": "--reducer", "class_index": "--class-index",
                "class_names": "--class-names", "template": "--template", "templates": "--templates", "batch_size": "--batch-size"}
-SHAPES_DEFAULTS = {"models": ["shapes-vit", "shapes-llava"], "reducers": list(REDUCERS), "budgets": list(BUDGETS),
-                   "dymu_presets": list(DYMU_PRESETS), "spec": [], "examples": 1000, "timing_batch": 16}
+SHAPES_DEFAULTS = {"models": list(BenchmarkOptions.models), "reducers": list(BenchmarkOptions.reducers),
+                   "budgets": list(BenchmarkOptions.budgets), "dymu_presets": list(BenchmarkOptions.dymu_presets), "spec": [],
+                   "examples": BenchmarkOptions.examples, "timing_batch": BenchmarkOptions.timing_batch}
 SHAPES_OUT, FOLDER_OUT = Path("outputs/shapes"), Path("outputs/eval")
-FOLDER_BATCH = 32
+FOLDER_BATCH = harness.HarnessConfig.batch_size
 
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -16,6 +16,8 @@ from vtc.data import shapes
 from vtc.data.training import pixels
 from vtc.stats import wilson
 
+ANSWER_TOKENS = 2  # tokens generated per shapes answer: the word and </s>
+
 
 @dataclass
 class Scores:
@@ -59,7 +61,7 @@ class Scores:
 def vlm_scores(model: nn.Module, processor, batch: Sequence[shapes.Example], batch_size: int = 50) -> Scores:
     """Greedy exact-match answers of a shapes VLM to each example's prompt."""
     predicted = answer(model, processor, [Image.fromarray(e.image) for e in batch], [e.prompt for e in batch],
-                       max_new_tokens=2, batch_size=batch_size)
+                       max_new_tokens=ANSWER_TOKENS, batch_size=batch_size)
     return Scores([e.qtype for e in batch], [e.answer for e in batch], predicted)
 
 

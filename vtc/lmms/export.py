@@ -16,9 +16,9 @@ from pathlib import Path
 from PIL import Image
 
 from vtc.data import shapes
+from vtc.data.evaluate import ANSWER_TOKENS
 from vtc.lmms import shapes_task
 
-ANSWER_TOKENS = 2  # max_new_tokens, as vtc.data.evaluate.vlm_scores
 DATA = "data"
 UTILS = "utils.py"
 

@@ -9,12 +9,11 @@ from collections.abc import Sequence
 from PIL import Image
 
 from vtc.data import shapes
+from vtc.data.evaluate import ANSWER_TOKENS
 from vtc.data.training import pixels
 from vtc.models import zoo
 from vtc.tune.classifier import ClassifierEvaluator
 from vtc.tune.vlm import VLMEvaluator
-
-ANSWER_TOKENS = 2  # every shapes answer is one word (vtc.data.evaluate.vlm_scores generates as many)
 
 
 def shapes_evaluator(name: str, split: str = "val", examples: int = 200, qtypes: Sequence[str] | None = None,
