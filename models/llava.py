@@ -96,8 +96,11 @@ class LlavaAdapter:
             # LLaVA-NeXT images differ in token count (checked per image when they arrive)
             dynamic = encoder is not None and encoder.dynamic
             count = None if self.is_next or dynamic else self.tower.planned_token_counts()[-1] - self.pipeline.drop - self.pipeline.n_prefix
-            connector.check_connector(ConnectorInfo(self.family, count, self.pipeline.n_prefix, self.tower.info.grid,
-                                                    self.tower.info.has_cls, reordered=encoder is not None))
+            feature_width = self.config.vision_config.hidden_size * len(self.feature_layers)
+            connector.check_connector(ConnectorInfo(
+                self.family, count, self.pipeline.n_prefix, self.tower.info.grid, self.tower.info.has_cls,
+                reordered=encoder is not None, feature_width=feature_width,
+                llm_width=self.config.text_config.hidden_size, source=getattr(self.config, "_name_or_path", None) or None))
             if connector.connector_needs:
                 self.tower.extra_needs[self.pipeline.signal_layer] = frozenset(connector.connector_needs)
         self._patcher = InstancePatcher()

@@ -23,6 +23,7 @@ holds the token carrying it, dropped positions are padding.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -211,9 +212,10 @@ class VisualPipeline:
             if not self.connector.before_projector:
                 state = state.replace(x=self._project(state.x))
             counts = state.valid.sum(dim=1).tolist() if state.valid is not None else [state.x.shape[1]] * state.x.shape[0]
-            targets = [self.connector.runtime_target(n - state.n_prefix) for n in counts]
+            targets = self.connector.image_targets(state, [n - state.n_prefix for n in counts])
             state = self._reduce(state, signals, targets, self.tower.info.grid)
-        x = self._project(state.x) if self.connector is None or self.connector.before_projector else state.x
+        projector_runs = self.connector is None or (self.connector.before_projector and not self.connector.replaces_projector)
+        x = self._project(state.x) if projector_runs else state.x
         ordered = self.connector is not None and self.connector.ordered
         features, kept_anchors, covers = anchor_order(state, x, keep_order=ordered)
         return VisualTokens(features, kept_anchors, [state.origin.shape[1]] * x.shape[0], covers)
@@ -230,6 +232,8 @@ class VisualPipeline:
         if pixel_values.dim() == 5:
             pixel_values = torch.cat([pv[:n] for pv, n in zip(pixel_values, num_tiles)], dim=0)
         state, signals = self._select(pixel_values)
+        if self.connector is not None and self.connector.pools_tiles:
+            return self._encode_next_pooled_tiles(state, sizes, num_tiles)
         project_first = self.connector is None or not self.connector.before_projector
         if project_first:
             state = state.replace(x=self._project(state.x))
@@ -248,6 +252,42 @@ class VisualPipeline:
             covers.append(cover)
             placeholders.append(layout.num_placeholders)
             start += n
+        return VisualTokens(features, anchors, placeholders, covers)
+
+    def _encode_next_pooled_tiles(self, state: TokenState, sizes: list[tuple[int, int]],
+                                  num_tiles: list[int]) -> VisualTokens:
+        """A connector that ``pools_tiles`` (M3): every tile of an image is reduced on its own patch
+        grid to the image's target, then HF's packing runs on the reduced tiles as if their grid
+        were the tower's (unpadding the map of pooled tiles, a newline per row). Anchors and
+        covers index that packed layout; the prompt keeps the processor's placeholder count."""
+        pinpoints, tile = self.config.image_grid_pinpoints, self.config.vision_config.image_size
+        if self.connector.before_projector:
+            raise ValueError(f"{self.connector.name}: reducing tiles before the projector is not supported")
+        state = state.replace(x=self._project(state.x))
+        grid = self.tower.info.grid
+        features, anchors, placeholders, covers = [], [], [], []
+        per_image = [_take_tiles(state, start, n) for start, n in zip(itertools.accumulate([0, *num_tiles[:-1]]), num_tiles)]
+        targets = self.connector.image_targets(
+            _first_tiles(per_image), [grid[0] * grid[1]] * len(per_image))
+        for size, n, tiles, target in zip(sizes, num_tiles, per_image, targets):
+            if self.connector.needs_grid and tiles.grid is None:
+                tiles = lay_on_grid(tiles, grid)
+            reduced = self.connector.reduce_visual(tiles, Signals(), torch.full((n,), target, device=tiles.x.device))
+            if reduced.grid is None or reduced.valid is not None:
+                raise ValueError(f"{self.connector.name}: packing tiles needs every tile reduced to the same square grid")
+            side = reduced.grid[0]
+            pooled = TokenState.start(reduced.x, 0, reduced.grid)
+            layout = anyres_layout(size, pinpoints, tile, side, n)
+            views = [view_from_tiles(pooled, torch.arange(side * side, device=pooled.x.device), (side, side))[0]]
+            if layout.hires is not None:
+                hires = layout.hires.to(pooled.x.device)
+                views.append(view_from_tiles(pooled, hires.reshape(-1), tuple(hires.shape))[0])
+            feats, anchor, cover = self._pack_next(views, layout, self.inner.image_newline)
+            features.append(feats)
+            anchors.append(anchor)
+            covers.append(cover)
+            placeholders.append(anyres_layout(size, pinpoints, tile, grid[0], n).num_placeholders)
+        self.last_connector_state = None
         return VisualTokens(features, anchors, placeholders, covers)
 
     def _next_views(self, tiles: TokenState, layout: AnyResLayout, signals: Signals, start: int) -> list[TokenState]:
@@ -301,6 +341,13 @@ class VisualPipeline:
         cover[layout.hires_placeholder(every)] = torch.where(hires_cover >= 0, n_base + token_at[hires_cover.clamp_min(0)], -1)
         cover[anchor[newline_at]] = n_base + newline_at
         return torch.cat([base, packed]), torch.cat([base_anchor, anchor]), cover
+
+
+def _first_tiles(images: list[TokenState]) -> TokenState:
+    """The base tile (tile 0) of every image, as one batch."""
+    return TokenState(x=torch.cat([t.x[:1] for t in images]), size=None, origin=torch.cat([t.origin[:1] for t in images]),
+                      valid=None if images[0].valid is None else torch.cat([t.valid[:1] for t in images]),
+                      n_prefix=images[0].n_prefix, grid=images[0].grid)
 
 
 def _take_tiles(state: TokenState, start: int, count: int) -> TokenState:

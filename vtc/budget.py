@@ -100,3 +100,14 @@ def split_total(total: int, counts: Sequence[int]) -> list[int]:
     for i in order[: total - sum(shares)]:
         shares[i] += 1
     return shares
+
+
+def per_image_counts(what: str, tokens: int | Sequence[int], batch: int) -> list[int]:
+    """One token count per image of a batch of ``batch``: ``tokens`` for every image, or a list with
+    one count per image (ValueError naming ``what`` when its length is not the batch size)."""
+    if isinstance(tokens, int):
+        return [tokens] * batch
+    if len(tokens) != batch:
+        raise ValueError(f"{what}: tokens lists {len(tokens)} counts, one per image, but the batch has {batch} "
+                         f"image{'s' if batch != 1 else ''}")
+    return [int(t) for t in tokens]

@@ -104,6 +104,10 @@ class ConnectorChain(ConnectorReducer, register=False):
             raise ValueError(f"connector reducers {names} act on different sides of the projector "
                              f"({', '.join(f'{r.name}: ' + ('before' if r.before_projector else 'after') for r in reducers)}); "
                              f"chain reducers of one side only")
+        for reducer in reducers:
+            if reducer.replaces_projector or reducer.pools_tiles or type(reducer).image_targets is not ConnectorReducer.image_targets:
+                raise ValueError(f"{reducer.name} chooses per-image counts or replaces the projector, which a chain of "
+                                 f"connector reducers ({names}) cannot follow; use it alone at the connector")
         for later in reducers[1:]:
             if later.connector_needs or later.needs_grid:
                 raise ValueError(f"{later.name} needs the vision tower's {'signals' if later.connector_needs else 'patch grid'}, "

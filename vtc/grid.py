@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from vtc.merge import unmerge
+from vtc.merge import merge_tokens, unmerge
 from vtc.state import TokenState
 
 
@@ -54,3 +54,44 @@ def lay_scores(score: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
     the value of the token carrying it, 0 where dropped."""
     laid = score.gather(1, origin.clamp_min(0))
     return laid.masked_fill(origin < 0, 0)
+
+
+def cell_of_patch(grid: tuple[int, int], out_grid: tuple[int, int], kernel: int | None = None,
+                  device: torch.device | None = None) -> torch.Tensor:
+    """(rows * cols,) the cell of ``out_grid`` each patch of ``grid`` (raster order) falls in: square
+    windows of ``kernel`` patches (the last row/column of cells may be smaller), or, without a
+    kernel, ``out_grid`` balanced cells (cell ``i * out / rows`` of each axis; exact windows when the
+    axis divides evenly)."""
+    (rows, cols), (out_rows, out_cols) = grid, out_grid
+    if kernel is not None:
+        cell_row = torch.arange(rows, device=device) // kernel
+        cell_col = torch.arange(cols, device=device) // kernel
+    else:
+        cell_row = torch.arange(rows, device=device) * out_rows // rows
+        cell_col = torch.arange(cols, device=device) * out_cols // cols
+    return (cell_row[:, None] * out_cols + cell_col[None, :]).flatten()
+
+
+def pool_on_grid(state: TokenState, grid: tuple[int, int], out_grids: list[tuple[int, int]],
+                 prop_attn: bool = False, kernel: int | None = None) -> TokenState:
+    """Average-pool each row of ``state`` (``n_prefix`` tokens kept, then one token per patch of
+    ``grid`` in raster order) into the cells of its own ``out_grids[b]`` (one grid for every row
+    when the list holds one), through the shared size-weighted merge: a cell is the size-weighted
+    mean of its real tokens and carries their summed size. Rows with fewer cells, and cells whose
+    positions are all padding, come out as padding (``valid`` False); ``grid`` is set on the result
+    when every row has the same cell grid."""
+    batch, p, device = state.x.shape[0], state.n_prefix, state.x.device
+    grids = out_grids * batch if len(out_grids) == 1 else out_grids
+    if len(grids) != batch:
+        raise ValueError(f"pool_on_grid: {len(grids)} cell grids for a batch of {batch}")
+    prefix = torch.arange(p, device=device)
+    maps = {g: torch.cat([prefix, cell_of_patch(grid, g, kernel, device) + p]) for g in set(grids)}
+    dest = torch.stack([maps[g] for g in grids])
+    n_out = p + max(rows * cols for rows, cols in grids)
+    ragged = len(set(grids)) > 1
+    if ragged and state.valid is None:  # empty slots of the rows with fewer cells become padding
+        state = state.replace(valid=torch.ones(state.x.shape[:2], dtype=torch.bool, device=device))
+    merged = merge_tokens(state, dest, n_out, prop_attn)
+    if merged.valid is not None and bool(merged.valid.all()):
+        merged = merged.replace(valid=None)
+    return merged.replace(grid=None if ragged else grids[0])

@@ -106,10 +106,12 @@ def parse_option(cls: type, key: str, text: str) -> Any:
 
 def given_options(reducer: Any) -> set[str]:
     """Options of ``reducer`` set to something other than their defaults (none for a reducer
-    that is not a dataclass, i.e. has no options)."""
+    that is not a dataclass, i.e. has no options). A field marked ``metadata={"spec": False}`` (a
+    Python object such as a module) is not an option."""
     if not dataclasses.is_dataclass(reducer):
         return set()
-    return {f.name for f in dataclasses.fields(reducer) if getattr(reducer, f.name) != f.default}
+    return {f.name for f in dataclasses.fields(reducer)
+            if f.metadata.get("spec", True) and getattr(reducer, f.name) != f.default}
 
 
 def check_exclusive(cls: type, given: set[str]) -> None:

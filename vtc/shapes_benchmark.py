@@ -9,7 +9,15 @@ its own way (:func:`budget_spec`):
   down to the budget (EViT's fused token is counted, so it keeps ``budget - 1`` plus the fused one);
 - ``random`` on LLaVA: at the connector, ``random:tokens=K``;
 - ``pool``: ``pool:tokens=K`` (the connector on LLaVA, after block 0 on the ViT);
-- ``holov``: ``holov:k=K`` at the LLaVA connector (not run on the ViT, which has no connector).
+- ``holov``: ``holov:k=K`` at the LLaVA connector (not run on the ViT, which has no connector);
+- ``m3`` and ``mqt``: trained methods, run on their own checkpoints fine-tuned from the base
+  (:data:`TRAINED`: ``shapes-llava-m3`` with ``m3:tokens=K`` at the nested scales among the
+  budgets, ``shapes-llava-mqt`` with ``mqt:tokens=K``); their rows join the base model's table,
+  agreement and FLOP ratio measured against the base's unreduced model, latency against their
+  own checkpoint without the method in the same interleaved loop.
+
+A budget a reducer cannot reach (ToMe below what halving per block allows, EViT at 1, M3 off its
+nested scales) is skipped and listed (:func:`plan_specs`).
 
 DyMU has no fixed budget: its rows run the calibrations shipped with each checkpoint
 (``dymu:preset=low|mid|high``, budget column = the calibration's target average), and report
@@ -28,6 +36,7 @@ test on the same examples separates them.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -47,13 +56,16 @@ from vtc.measure import compare, patch_tokens
 from vtc.measure_vlm import profile, time_stages
 from vtc.models import zoo
 from vtc.records import environment, write_records
+from vtc.reducers.m3 import check_scale
 from vtc.stats import Spread, mcnemar_exact, speedup_spread
 
 BUDGETS = (256, 128, 64, 32, 16)
-REDUCERS = ("tome", "evit", "random", "pool", "holov")
-CONNECTOR_ONLY = ("holov",)  # run on the VLM only (a classifier has no connector)
+MATRYOSHKA_BUDGETS = (256, 64, 16, 4, 1)  # the nested scales of the 16x16 grid (M3 / MQT comparisons)
+REDUCERS = ("tome", "evit", "random", "pool", "holov", "m3", "mqt")
+CONNECTOR_ONLY = ("holov", "m3", "mqt")  # run on the VLM only (a classifier has no connector)
+TRAINED = {"m3": "-m3", "mqt": "-mqt"}  # method -> suffix of its checkpoint's name (shapes-llava -> shapes-llava-m3)
 DYMU_PRESETS = ("low", "mid", "high")
-CSV_COLUMNS = ("model", "reducer", "budget", "spec", "visual_tokens", "visual_tokens_std", "examples", "accuracy",
+CSV_COLUMNS = ("model", "checkpoint", "reducer", "budget", "spec", "visual_tokens", "visual_tokens_std", "examples", "accuracy",
                "accuracy_low", "accuracy_high",
                *(f"acc_{q}{end}" for q in shapes.QUESTION_TYPES for end in ("", "_low", "_high")),
                "agreement", "gflops_per_image", "flops_ratio", "latency_ms", "speedup", "speedup_q1", "speedup_q3")
@@ -74,6 +86,7 @@ class Row:
     flops_ratio: float
     latency_ms: float  # per batch of the timing inputs (median)
     speedup: Spread  # of the per-repeat ratios to the unreduced model
+    checkpoint: str = ""  # the checkpoint run, when not ``model`` (a trained method's own)
 
     def record(self) -> dict[str, str]:
         by_type = self.scores.by_type()
@@ -85,7 +98,8 @@ class Row:
                              f"acc_{q}_high": f"{high:.4f}" if q in by_type else ""})
         low, high = self.scores.interval()
         return {
-            "model": self.model, "reducer": self.reducer, "budget": str(self.budget), "spec": self.spec,
+            "model": self.model, "checkpoint": self.checkpoint or self.model, "reducer": self.reducer,
+            "budget": str(self.budget), "spec": self.spec,
             "visual_tokens": f"{self.visual_tokens:.2f}", "visual_tokens_std": f"{self.visual_tokens_std:.2f}",
             "examples": str(len(self.scores.truth)), "accuracy": f"{self.scores.accuracy:.4f}",
             "accuracy_low": f"{low:.4f}", "accuracy_high": f"{high:.4f}", **per_type,
@@ -128,11 +142,17 @@ def budget_spec(reducer: str, budget: int, kind: str, patches: int = 256, layers
         raise ValueError(f"budget {budget} is not between 1 and the {patches} visual tokens of an image")
     if reducer == "tome":
         counts = [patches, *geometric_counts(patches, budget, layers)]
+        if any(a - b > a // 2 for a, b in zip(counts, counts[1:])):
+            raise ValueError(f"tome: budget {budget} needs more than half of a block's tokens merged in one block "
+                             f"(at most {patches >> layers} after {layers} blocks)")
         return "tome:r=" + ";".join(str(a - b) for a, b in zip(counts, counts[1:])) + ("" if layers > 1 else ";")
     if reducer in CONNECTOR_ONLY:
         if kind != "llava":
             raise ValueError(f"{reducer} acts at a VLM's connector; a {kind} classifier has none")
-        return f"{reducer}:k={budget}"
+        if reducer == "m3":
+            side = math.isqrt(patches)
+            return f"m3:tokens={check_scale(budget, (side, side))}"
+        return f"{reducer}:tokens={budget}" if reducer == "mqt" else f"{reducer}:k={budget}"
     if reducer == "pool" or (reducer == "random" and kind == "llava"):
         return f"{reducer}:tokens={budget}"
     drops = default_drop_layers(layers)
@@ -193,7 +213,11 @@ def _vit_rows(ckpt, examples, specs: list[tuple[str, int, str]], options: Benchm
     return [baseline, *rows]
 
 
-def _vlm_rows(ckpt, examples, specs: list[tuple[str, int, str]], options: BenchmarkOptions, step: Callable) -> list[Row]:
+def _vlm_rows(ckpt, examples, specs: list[tuple[str, int, str]], options: BenchmarkOptions, step: Callable,
+              base: Row | None = None) -> list[Row]:
+    """Rows of ``ckpt`` unreduced and with each spec. A trained method's checkpoint passes its
+    ``base``'s unreduced row: the rows then carry the base's model name, agreement and FLOP ratio
+    are against the base, and the checkpoint's own unreduced run is only the timing reference."""
     model, processor = ckpt.model, ckpt.processor
     timing = examples[:options.timing_batch]
     saved_side, processor.tokenizer.padding_side = processor.tokenizer.padding_side, "left"
@@ -214,15 +238,35 @@ def _vlm_rows(ckpt, examples, specs: list[tuple[str, int, str]], options: Benchm
     batch = len(timing)
     full_flops = (full_report.vision.flops + full_report.prefill.flops) / batch
     full_samples = seconds[0]["vision_prefill_samples"]
+    if base is not None:
+        full_scores, full_flops = base.scores, base.gflops * 1e9
     rows = []
     for (reducer, budget, spec), (scores, report), stage in zip(configs, measured, seconds):
         flops = (report.vision.flops + report.prefill.flops) / batch
         latency = stage["vision"] + stage["prefill"]
         mean, std = _stats(report.visual_tokens)
-        rows.append(Row(ckpt.name, reducer, budget, spec or "none", mean, std, scores,
+        rows.append(Row(base.model if base else ckpt.name, reducer, budget, spec or "none", mean, std, scores,
                         scores.agreement(full_scores), flops / 1e9, flops / full_flops, latency * 1e3,
-                        speedup_spread(full_samples, stage["vision_prefill_samples"])))
-    return rows
+                        speedup_spread(full_samples, stage["vision_prefill_samples"]), checkpoint=ckpt.name))
+    return rows[1:] if base is not None else rows
+
+
+def plan_specs(reducers: Sequence[str], budgets: Sequence[int], kind: str, layers: int) -> tuple[list[tuple[str, int, str]], list[str]]:
+    """(reducer, budget, spec) of every reducer at every budget it can reach, and a note for each
+    budget it cannot (:func:`budget_spec`'s reason)."""
+    specs, skipped = [], []
+    for reducer in reducers:
+        for budget in budgets:
+            try:
+                specs.append((reducer, budget, budget_spec(reducer, budget, kind, layers=layers)))
+            except ValueError as error:
+                skipped.append(f"{reducer} at {budget}: {error}")
+    return specs, skipped
+
+
+def trained_checkpoint(base: str, reducer: str) -> str:
+    """The checkpoint a trained method runs on for the base checkpoint ``base`` (:data:`TRAINED`)."""
+    return base + TRAINED[reducer]
 
 
 def run(options: BenchmarkOptions) -> list[Row]:
@@ -233,7 +277,7 @@ def run(options: BenchmarkOptions) -> list[Row]:
         raise ValueError(f"budget(s) {unknown} outside 1..256 (the visual tokens of a shapes image)")
     rows: list[Row] = []
     loaded = [zoo.load(name, options.device) for name in options.models]
-    plans = []
+    plans, trained, skipped = [], [], []
     for ckpt in loaded:
         kind = ckpt.kind
         ckpt.model.to(options.dtype)
@@ -242,17 +286,35 @@ def run(options: BenchmarkOptions) -> list[Row]:
             raise ValueError(f"{', '.join(options.reducers)} act only at a LLaVA connector and {ckpt.name} is a ViT "
                              f"classifier without one: add shapes-llava to the models, or choose from "
                              f"{', '.join(r for r in REDUCERS if r not in CONNECTOR_ONLY)}")
-        specs = [(r, b, budget_spec(r, b, kind, layers=_depth(ckpt))) for r in runnable for b in options.budgets]
+        specs, cannot = plan_specs(runnable, options.budgets, kind, _depth(ckpt))
+        skipped += [f"{ckpt.name}: {note}" for note in cannot]
+        own = {r: [spec for spec in specs if spec[0] == r] for r in TRAINED if any(spec[0] == r for spec in specs)}
+        methods = []
+        for reducer, plan in own.items():
+            try:
+                methods.append((zoo.load(trained_checkpoint(ckpt.name, reducer), options.device), plan))
+            except (ValueError, FileNotFoundError) as error:
+                skipped.append(f"{ckpt.name}: {reducer} (no checkpoint trained for it: {error})")
+        trained.append(methods)
+        specs = [spec for spec in specs if spec[0] not in TRAINED]
         specs += dymu_specs(ckpt, options.dymu_presets)
         specs += [(vtc.parse_reducer(s).name, -1, s) for s in options.extra_specs]
         plans.append(specs)
+    for note in skipped:
+        print(f"skipped {note}")
     examples = shapes.examples("test", options.examples)
-    total = sum(len(s) + (1 if c.kind == "llava" else 0) for s, c in zip(plans, loaded))
+    total = sum(len(s) + (1 if c.kind == "llava" else 0) + sum(len(p) + 1 for _, p in t)
+                for s, c, t in zip(plans, loaded, trained))
     with tqdm(total=total, desc="shapes benchmark", unit="config", disable=not options.progress) as bar:
-        for ckpt, specs in zip(loaded, plans):
+        for ckpt, specs, methods in zip(loaded, plans, trained):
             bar.set_postfix_str(ckpt.name)
             runner = _vlm_rows if ckpt.kind == "llava" else _vit_rows
-            rows += runner(ckpt, examples, specs, options, bar.update)
+            own = runner(ckpt, examples, specs, options, bar.update)
+            for method_ckpt, method_specs in methods:
+                bar.set_postfix_str(method_ckpt.name)
+                method_ckpt.model.to(options.dtype)
+                own += _vlm_rows(method_ckpt, examples, method_specs, options, bar.update, base=own[0])
+            rows += own
     return rows
 
 
@@ -265,7 +327,8 @@ def write_json(rows: Sequence[Row], path: Path, options: BenchmarkOptions, comma
     checkpoint folder, and the versions and machine (:func:`vtc.records.environment`)."""
     setup = {key: list(value) if isinstance(value, (list, tuple)) else value for key, value in asdict(options).items()}
     setup["dtype"] = str(options.dtype).removeprefix("torch.")
-    checkpoints = {name: str(zoo.locate(name)[2]) for name in options.models}
+    names = dict.fromkeys([*options.models, *(row.checkpoint for row in rows if row.checkpoint)])
+    checkpoints = {name: str(zoo.locate(name)[2]) for name in names}
     path.write_text(json.dumps({"command": command, "options": setup, "checkpoints": checkpoints, **environment(),
                                 "rows": [row.record() for row in rows]}, indent=2) + "\n")
     return path

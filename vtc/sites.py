@@ -166,12 +166,17 @@ class ConnectorInfo:
     grid: tuple[int, int] | None  # patch grid the image's visual tokens come from
     has_cls: bool = True  # the tower has a CLS token (whose attention row signals can give)
     reordered: bool = False  # an encoder reducer runs first: tokens may be merged, dropped, out of raster order
+    feature_width: int | None = None  # width of the vision features the connector receives (before the projector)
+    llm_width: int | None = None  # width of the LLM's token embeddings (the projector's output)
+    source: str | None = None  # the model's checkpoint (hub id or folder) where the adapter can tell
 
 
 class ConnectorReducer(Reducer):
     """A reducer on the per-image visual sequence between the vision tower and the LLM.
 
-    ``before_projector`` says whether it sees vision-tower features (True) or projected ones.
+    ``before_projector`` says whether it sees vision-tower features (True) or projected ones;
+    ``replaces_projector`` that it turns vision features into LLM tokens itself (a query
+    transformer), so the model's projector does not run.
     Signals in ``connector_needs`` are computed at the vision feature layer. ``needs_grid`` says
     that :meth:`reduce_visual` works on one token per patch in raster order: after an encoder
     reducer the adapter lays the reduced tokens back on the patch grid first
@@ -180,6 +185,8 @@ class ConnectorReducer(Reducer):
 
     connector_needs: ClassVar[frozenset[Signal]] = frozenset()
     before_projector: ClassVar[bool] = True
+    replaces_projector: ClassVar[bool] = False  # reduce_visual returns LLM-width tokens; the projector is skipped
+    pools_tiles: ClassVar[bool] = False  # LLaVA-NeXT: reduce each tile to the image's target, then pack the tiles
     needs_grid: ClassVar[bool] = False
 
     @property
@@ -209,6 +216,12 @@ class ConnectorReducer(Reducer):
         otherwise :meth:`target`."""
         cap = self.budget_cap()
         return num_tokens if cap is not None and cap >= num_tokens else self.target(num_tokens)
+
+    def image_targets(self, state: TokenState, counts: list[int]) -> list[int]:
+        """Tokens kept of each image of a batch: row ``b`` of ``state`` offers ``counts[b]``
+        reducible tokens. Default: :meth:`runtime_target` of each count; a method whose budget
+        may differ per image (a list, or a function of the image's tokens) overrides this."""
+        return [self.runtime_target(n) for n in counts]
 
     def reduce_visual(self, state: TokenState, signals: Signals, targets: torch.Tensor) -> TokenState:
         """Reduce a (B, N, C) batch of per-image sequences (padded where ``state.valid`` says) so

@@ -51,7 +51,8 @@ def parse_reducer(spec: str | Reducer) -> Reducer:
     cls = reducers.get(name.strip().lower())
     if cls is None:
         raise ValueError(f"unknown reducer {name!r} in {spec!r}; known reducers: {', '.join(sorted(reducers))}")
-    fields: set[str] = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    fields: set[str] = ({f.name for f in dataclasses.fields(cls) if f.metadata.get("spec", True)}
+                        if dataclasses.is_dataclass(cls) else set())
     kwargs: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in options.split(","))):
         key, eq, value = item.partition("=")

@@ -4,6 +4,8 @@ from vtc.reducers.drop import EViT, RandomDrop
 from vtc.reducers.dymu import DyMU, VirtualUnmerge
 from vtc.reducers.exit import VisualExit
 from vtc.reducers.holov import HoloV
+from vtc.reducers.m3 import M3
+from vtc.reducers.mqt import MQT
 from vtc.reducers.pool import Pool
 from vtc.reducers.tome import ToMe
 from vtc.sites import (
@@ -22,7 +24,7 @@ from vtc.spec import REDUCERS, parse_reducer, to_spec
 
 __all__ = [
     "ConnectorInfo", "ConnectorReducer", "DecoderInfo", "DecoderReducer", "DyMU", "EViT", "EncoderInfo",
-    "EncoderReducer", "HoloV",
+    "EncoderReducer", "HoloV", "M3", "MQT",
     "Pool", "REDUCERS", "RandomDrop", "Reducer", "Signal", "Signals", "Site", "ToMe", "VirtualUnmerge", "VisualExit",
     "parse_reducer", "to_spec",
 ]

@@ -28,7 +28,7 @@ from typing import ClassVar
 
 import torch
 
-from vtc.merge import merge_tokens
+from vtc.grid import pool_on_grid
 from vtc.sites import (
     ConnectorInfo,
     ConnectorReducer,
@@ -160,20 +160,4 @@ class Pool(EncoderReducer, ConnectorReducer):
 
     def _pool(self, state: TokenState, grid: tuple[int, int], out_grid: tuple[int, int], prop_attn: bool) -> TokenState:
         """Average ``state``'s tokens, on ``grid`` (its patch grid) after the prefix, in ``out_grid`` cells."""
-        (rows, cols), p = grid, state.n_prefix
-        out_rows, out_cols = out_grid
-        device = state.x.device
-        if self.kernel is not None:
-            cell_row = torch.arange(rows, device=device) // self.kernel
-            cell_col = torch.arange(cols, device=device) // self.kernel
-        else:
-            cell_row = torch.arange(rows, device=device) * out_rows // rows
-            cell_col = torch.arange(cols, device=device) * out_cols // cols
-        cells = (cell_row[:, None] * out_cols + cell_col[None, :]).flatten() + p
-        dest = torch.cat([torch.arange(p, device=device), cells]).expand(state.x.shape[0], -1)
-        n_out = p + out_rows * out_cols
-        merged = merge_tokens(state, dest, n_out, prop_attn)  # a cell is real when any of its positions is
-        if merged.valid is not None and bool(merged.valid.all()):
-            merged = merged.replace(valid=None)
-        return merged.replace(grid=(out_rows, out_cols))
-
+        return pool_on_grid(state, grid, [out_grid], prop_attn, self.kernel)
