@@ -170,6 +170,7 @@ class VisualPipeline:
         self.n_prefix = 1 if has_cls and not self.drop else 0
         self.last_connector_state: TokenState | None = None
         self.projected_tokens = 0  # tokens through the projector in the last encode (for FLOP accounting)
+        self.connector_flops = 0  # FLOPs of the connector reducer's own layers in the last encode
 
     @property
     def signal_layer(self) -> int:
@@ -202,7 +203,7 @@ class VisualPipeline:
         return reduced
 
     def encode(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> VisualTokens:
-        self.projected_tokens = 0
+        self.projected_tokens = self.connector_flops = 0
         if self.is_next:
             return self._encode_next(pixel_values, image_sizes)
         if pixel_values.dim() != 4:
@@ -213,6 +214,7 @@ class VisualPipeline:
                 state = state.replace(x=self._project(state.x))
             counts = state.valid.sum(dim=1).tolist() if state.valid is not None else [state.x.shape[1]] * state.x.shape[0]
             targets = self.connector.image_targets(state, [n - state.n_prefix for n in counts])
+            self.connector_flops = self.connector.flops(state.x.shape[0], state.x.shape[1] - state.n_prefix)
             state = self._reduce(state, signals, targets, self.tower.info.grid)
         projector_runs = self.connector is None or (self.connector.before_projector and not self.connector.replaces_projector)
         x = self._project(state.x) if projector_runs else state.x

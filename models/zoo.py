@@ -109,11 +109,12 @@ def load(name_or_path: str | Path, device: str = "cpu") -> Checkpoint:
                       _read(folder / "training.json"))
 
 
-def write_card(folder: Path, scores: Any) -> dict:
+def write_card(folder: Path, scores: Any, **extra: Any) -> dict:
     """Write ``card.json`` from :class:`vtc.data.evaluate.Scores` of the unreduced model on the test
     split in order: accuracy on all of it, overall and per type with 95% Wilson intervals, and on
     its first :data:`SUBSET` examples, whose predictions are stored so that a fresh evaluation can
-    be checked against the card example by example."""
+    be checked against the card example by example. ``extra`` fields are stored as given (a trained
+    method's ``spec``, under which ``scores`` were measured, and its ``budgets``)."""
     subset = min(SUBSET, len(scores.truth))
     card = {
         "test_examples": len(scores.truth), "test_accuracy": round(scores.accuracy, 4),
@@ -122,6 +123,7 @@ def write_card(folder: Path, scores: Any) -> dict:
         "test_by_type_interval95": {k: [round(v, 4) for v in scores.interval(k)] for k in scores.by_type()},
         "subset_examples": subset, "subset_accuracy": round(sum(scores.correct[:subset]) / max(1, subset), 4),
         "subset_predictions": list(scores.predicted[:subset]),
+        **extra,
     }
     (Path(folder) / CARD).write_text(json.dumps(card, indent=1) + "\n")
     return card

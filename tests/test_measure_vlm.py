@@ -16,7 +16,8 @@ NEXT_SIZES = [(64, 32), (32, 32)]
 
 
 @pytest.mark.parametrize("kind", ["llava", "next"])
-@pytest.mark.parametrize("spec", [(), ("pool:tokens=4",), ("tome:r=2", "random:tokens=4"), ("evit:keep=0.5", "exit:layer=1")])
+@pytest.mark.parametrize("spec", [(), ("pool:tokens=4",), ("tome:r=2", "random:tokens=4"), ("evit:keep=0.5", "exit:layer=1"),
+                                  ("m3:tokens=4",), ("tome:r=2", "m3:tokens=1")])
 def test_profile_counts_match_the_analytic_model(kind, spec, llava, llava_next):
     model, processor = llava if kind == "llava" else llava_next
     sizes = NEXT_SIZES if kind == "next" else None

@@ -197,3 +197,16 @@ def test_bad_inputs_are_clear_errors(llava_mqt, llava_next, tmp_path):
         vtc.apply(model, f"mqt:tokens=4,weights={tmp_path / 'missing'}")
     with pytest.raises(ValueError, match="queries must be a square number"):
         QueryTransformerConfig(32, 64, 15, 4)
+
+
+def test_profile_counts_the_query_transformer(llava_mqt):
+    """The analytic vision FLOPs (tower + the query transformer's own layers, no projector) equal
+    the FLOPs torch counts."""
+    from vtc.measure_vlm import profile
+
+    model, processor, folder = llava_mqt
+    inputs = _inputs(processor, lm.images(2), lm.prompts(2))
+    with vtc.apply(model, f"mqt:tokens=3;7,weights={folder}"):
+        report = profile(model, inputs, new_tokens=2, warmup=0, repeats=1)
+    assert report.visual_tokens == [3, 7]
+    assert report.vision.flops_ratio == pytest.approx(1.0, abs=1e-3)

@@ -15,17 +15,23 @@ from vtc.cli import main
 from vtc.data import shapes
 from vtc.data.evaluate import Scores, classifier_scores, vlm_scores
 from vtc.data.training import pixels
+from vtc.models import zoo
 from vtc.shapes_benchmark import (
     BUDGETS,
     CONNECTOR_ONLY,
+    MATRYOSHKA_BUDGETS,
     REDUCERS,
     SIGNIFICANCE,
+    TRAINED,
     BenchmarkOptions,
     Row,
     budget_spec,
     geometric_counts,
+    oracle,
+    plan_specs,
     ranking,
     run,
+    trained_checkpoint,
 )
 from vtc.stats import Spread, mcnemar_exact, wilson
 
@@ -56,18 +62,28 @@ def test_geometric_counts():
     assert all(b >= a / 2 for a, b in zip([256, *counts], counts))  # within ToMe's 50% cap per layer
 
 
+TRAINING_FREE = [r for r in REDUCERS if r not in TRAINED]
+
+
 @pytest.mark.parametrize("reducer", REDUCERS)
 def test_every_budget_is_reached_exactly(reducer, shapes_vit, shapes_llava):
+    """Every budget a reducer can reach gives exactly that many tokens (a trained method on its own
+    checkpoint); the others are the ones :func:`plan_specs` skips with a reason."""
     batch = shapes.examples("test", 3)
     x = pixels([e.image for e in batch])
-    inputs = _llava_inputs(shapes_llava, batch)
-    for budget in BUDGETS:
+    llava = zoo.load(trained_checkpoint("shapes-llava", reducer)) if reducer in TRAINED else shapes_llava
+    inputs = _llava_inputs(llava, batch)
+    reachable, skipped = plan_specs([reducer], BUDGETS, "llava", 6)
+    expected_skips = {"tome": [1], "evit": [1], "m3": [128, 32]}.get(reducer, [])
+    assert [budget for _, budget, _ in reachable] == [b for b in BUDGETS if b not in expected_skips]
+    assert len(skipped) == len(expected_skips)
+    for _, budget, spec in reachable:
         if reducer not in CONNECTOR_ONLY:
             with vtc.apply(shapes_vit.model, budget_spec(reducer, budget, "timm")) as handle, torch.inference_mode():
                 shapes_vit.model(x)
                 assert handle.state.num_tokens - handle.state.n_prefix == budget
-        with vtc.apply(shapes_llava.model, budget_spec(reducer, budget, "llava")) as handle, torch.inference_mode():
-            shapes_llava.model(**inputs)
+        with vtc.apply(llava.model, spec) as handle, torch.inference_mode():
+            llava.model(**inputs)
             assert handle.visual_tokens == [budget] * 3
 
 
@@ -79,7 +95,7 @@ def _vit_terms(model) -> int:
     return 3 * patch * patch + blocks + model.embed_dim
 
 
-@pytest.mark.parametrize("reducer", REDUCERS)
+@pytest.mark.parametrize("reducer", [*TRAINING_FREE, "m3"])
 def test_a_budget_of_all_tokens_is_the_unreduced_model(reducer, shapes_vit, shapes_llava):
     batch = shapes.examples("test", 6)
     x = pixels([e.image for e in batch])
@@ -90,15 +106,16 @@ def test_a_budget_of_all_tokens_is_the_unreduced_model(reducer, shapes_vit, shap
                 reduced = shapes_vit.model(x)
         tolerance.assert_close(reduced, reference, terms=_vit_terms(shapes_vit.model))
         assert torch.equal(reduced.argmax(-1), reference.argmax(-1))
-    inputs = _llava_inputs(shapes_llava, batch)
+    llava = zoo.load(trained_checkpoint("shapes-llava", reducer)) if reducer in TRAINED else shapes_llava  # M3: its own
+    inputs = _llava_inputs(llava, batch)
     settings = dict(max_new_tokens=2, do_sample=False, output_scores=True, return_dict_in_generate=True)
     with torch.inference_mode():
-        reference = shapes_llava.model.generate(**inputs, **settings)
-        with vtc.apply(shapes_llava.model, budget_spec(reducer, 256, "llava")):
-            reduced = shapes_llava.model.generate(**inputs, **settings)
+        reference = llava.model.generate(**inputs, **settings)
+        with vtc.apply(llava.model, budget_spec(reducer, 256, "llava")):
+            reduced = llava.model.generate(**inputs, **settings)
     assert torch.equal(reduced.sequences, reference.sequences)
     tolerance.assert_close(reduced.scores[0], reference.scores[0],
-                           terms=llava_models.llava_terms(shapes_llava.model, inputs["input_ids"].shape[1]))
+                           terms=llava_models.llava_terms(llava.model, inputs["input_ids"].shape[1]))
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +123,7 @@ def half_budget_accuracy(shapes_vit, shapes_llava):
     """Scores of every reducer at 128 of 256 visual tokens on the first test examples."""
     batch = shapes.examples("test", HALF_BUDGET_EXAMPLES)
     out = {}
-    for reducer in REDUCERS:
+    for reducer in TRAINING_FREE:
         if reducer not in CONNECTOR_ONLY:
             with vtc.apply(shapes_vit.model, budget_spec(reducer, 128, "timm")):
                 out["shapes-vit", reducer] = classifier_scores(shapes_vit.model, batch)
@@ -116,7 +133,7 @@ def half_budget_accuracy(shapes_vit, shapes_llava):
 
 
 @pytest.mark.parametrize("model", ["shapes-vit", "shapes-llava"])
-@pytest.mark.parametrize("reducer", [r for r in REDUCERS if r != "random"])
+@pytest.mark.parametrize("reducer", [r for r in TRAINING_FREE if r != "random"])
 def test_half_the_tokens_keeps_at_least_random_pruning_accuracy(model, reducer, half_budget_accuracy):
     if model == "shapes-vit" and reducer in CONNECTOR_ONLY:
         pytest.skip(f"{reducer} acts at a VLM's connector; the classifier has none")
@@ -150,9 +167,14 @@ def test_quick_demo_runs_the_shapes_benchmark(tmp_path):
     for model in ("shapes-vit", "shapes-llava"):
         group = [r for r in rows if r["model"] == model]
         dymu = [("dymu", "85")] + ([("dymu-novtu", "85")] if model == "shapes-llava" else [])  # the mid preset
+        kind = "llava" if model == "shapes-llava" else "timm"
+        reducers = [r for r in REDUCERS if kind == "llava" or r not in CONNECTOR_ONLY]
+        specs, _ = plan_specs(reducers, MATRYOSHKA_BUDGETS, kind, 6)
+        configs = [(reducer, str(budget)) for reducer, budget, _ in specs]
+        trained = [config for config in configs if config[0] in TRAINED]  # run after the base's rows
         assert [(r["reducer"], r["budget"]) for r in group] == [("none", "256")] + [
-            (reducer, str(b)) for reducer in REDUCERS for b in (256, 64, 16)
-            if model == "shapes-llava" or reducer not in CONNECTOR_ONLY] + dymu
+            config for config in configs if config not in trained] + dymu + trained
+        assert {r["checkpoint"] for r in group if r["reducer"] in TRAINED} == {"shapes-llava-m3", "shapes-llava-mqt"} or kind == "timm"
         for row in group:
             if row["reducer"].startswith("dymu"):  # per-image counts around the calibration's target
                 assert float(row["visual_tokens_std"]) > 0 and float(row["flops_ratio"]) < 1.0
@@ -163,6 +185,8 @@ def test_quick_demo_runs_the_shapes_benchmark(tmp_path):
             assert (float(row["accuracy_low"]), float(row["accuracy_high"])) == pytest.approx(
                 wilson(hits, int(row["examples"])), abs=1e-4)
             assert float(row["speedup_q1"]) <= float(row["speedup"]) <= float(row["speedup_q3"])
+            if row["reducer"] in TRAINED:  # another checkpoint: agreement and FLOPs against the base differ
+                continue
             if row["budget"] == "256":  # connector reducers still compute their signal (HoloV: one CLS row)
                 tolerance = 0.01 if row["reducer"] in CONNECTOR_ONLY else 1e-6
                 assert float(row["agreement"]) == 1.0 and float(row["flops_ratio"]) == pytest.approx(1.0, abs=tolerance)
@@ -189,3 +213,16 @@ def test_ranking_claims_an_order_only_where_the_paired_test_separates():
     assert text == "strong 1.000 > weak 0.600 ~ twin 0.600"
     assert ranking([weak, strong], "m", 64, "x") == "strong 1.000 > weak 0.600"
     assert ranking([strong], "m", 32) == ""
+
+
+def test_oracle_takes_the_cheapest_budget_answering_each_example():
+    qtypes = ["x"] * 4
+    rows = [Row("m", "m3", budget, f"m3:tokens={budget}", budget, 0.0,
+                Scores(qtypes, ["a"] * 4, ["a" if c else "b" for c in correct]), 1.0, 1.0, 1.0, 1.0, Spread(1.0, 1.0, 1.0))
+            for budget, correct in ((256, [True, True, False, False]), (16, [True, False, True, False]),
+                                    (1, [False, False, True, False]))]
+    found = oracle(rows, "m", "m3")
+    assert found.budgets == (1, 16, 256) and found.chosen == (16, 256, 1, None)
+    assert found.accuracy == 0.75
+    assert found.mean_tokens == (16 + 256 + 1 + 256) / 4  # an example no budget answers counts at the largest
+    assert oracle(rows, "m", "mqt") is None

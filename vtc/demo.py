@@ -39,7 +39,7 @@ SAMPLE_IMAGES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemist
 SHAPES_MODELS = ("shapes-vit", "shapes-llava")
 SAMPLE_MODELS = ("timm", "open_clip")
 MODELS = SHAPES_MODELS + SAMPLE_MODELS
-SHORT_BUDGETS = (256, 64, 16)  # the default and --quick demo; --full runs bench.BUDGETS
+SHORT_BUDGETS = bench.MATRYOSHKA_BUDGETS  # the default and --quick demo; --full runs bench.BUDGETS
 RANKED_BUDGETS = (64,)  # budgets at which the demo ranks the reducers with a paired test
 
 # Budgets per model: ViT-S/16 has 197 tokens, ViT-B/32 only 50 (so far smaller ToMe r).
@@ -345,6 +345,8 @@ def run_shapes(options: DemoOptions, echo: Callable[[str], None]) -> tuple[list,
     echo(bench.format_table(rows))
     for budget in [b for b in RANKED_BUDGETS if b in bench_options.budgets]:
         echo(bench.format_rankings(rows, budget))
+    if bench.format_oracles(rows):
+        echo("\n" + bench.format_oracles(rows))
     return rows, write_outputs(rows, options.out_dir, bench_options, "vtc demo")
 
 

@@ -345,7 +345,7 @@ def profile(model: nn.Module, inputs: dict, new_tokens: int = 8, warmup: int = 1
     images = pixel_values.shape[0] if pixel_values.dim() == 4 else sum(_tiles(adapter, image_sizes))
     projected = adapter.pipeline.projected_tokens
     projector = per_token_params(model.model.multi_modal_projector)
-    predicted_vision = images * per_image + 2 * projected * projector
+    predicted_vision = images * per_image + 2 * projected * projector + adapter.pipeline.connector_flops
     seconds = {"vision": 0.0, "prefill": 0.0, "decode": 0.0}
     if timed:
         vision_t, prefill_t, _ = time_calls(_timed(calls), warmup=warmup, repeats=repeats, device=device)

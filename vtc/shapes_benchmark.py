@@ -57,9 +57,9 @@ from vtc.measure_vlm import profile, time_stages
 from vtc.models import zoo
 from vtc.records import environment, write_records
 from vtc.reducers.m3 import check_scale
-from vtc.stats import Spread, mcnemar_exact, speedup_spread
+from vtc.stats import Spread, mcnemar_exact, speedup_spread, wilson
 
-BUDGETS = (256, 128, 64, 32, 16)
+BUDGETS = (256, 128, 64, 32, 16, 4, 1)
 MATRYOSHKA_BUDGETS = (256, 64, 16, 4, 1)  # the nested scales of the 16x16 grid (M3 / MQT comparisons)
 REDUCERS = ("tome", "evit", "random", "pool", "holov", "m3", "mqt")
 CONNECTOR_ONLY = ("holov", "m3", "mqt")  # run on the VLM only (a classifier has no connector)
@@ -384,4 +384,52 @@ def format_rankings(rows: Sequence[Row], budget: int) -> str:
         lines.append(f"\n{model} at {budget} visual tokens ('>': paired exact test p < {SIGNIFICANCE}, '~': not separated)")
         for qtype in [None, *qtypes] if len(qtypes) > 1 else [None]:
             lines.append(f"  {qtype or 'overall':<9} {ranking(rows, model, budget, qtype)}")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Oracle:
+    """M3's oracle (Cai et al., 2024, Table 2): per example, the cheapest budget of a method that
+    still answers it correctly."""
+
+    model: str
+    reducer: str
+    budgets: tuple[int, ...]  # the budgets it chose among, smallest first
+    chosen: tuple[int | None, ...]  # per example: the cheapest correct budget (None: none answers it)
+
+    @property
+    def accuracy(self) -> float:
+        return sum(c is not None for c in self.chosen) / len(self.chosen)
+
+    @property
+    def mean_tokens(self) -> float:
+        """Average budget used, an unanswerable example counted at the largest budget."""
+        return statistics.fmean(self.budgets[-1] if c is None else c for c in self.chosen)
+
+    def interval(self) -> tuple[float, float]:
+        return wilson(sum(c is not None for c in self.chosen), len(self.chosen))
+
+
+def oracle(rows: Sequence[Row], model: str, reducer: str) -> Oracle | None:
+    """The oracle of ``reducer`` on ``model`` over its budgets in ``rows`` (None without rows)."""
+    group = sorted((r for r in rows if r.model == model and r.reducer == reducer and r.budget > 0), key=lambda r: r.budget)
+    if not group:
+        return None
+    chosen = tuple(next((r.budget for r in group if r.scores.correct[i]), None) for i in range(len(group[0].scores.truth)))
+    return Oracle(model, reducer, tuple(r.budget for r in group), chosen)
+
+
+def format_oracles(rows: Sequence[Row], reducers: Sequence[str] = tuple(TRAINED)) -> str:
+    """One line per trained method present in ``rows``: the oracle's accuracy and average tokens."""
+    lines = []
+    for model in dict.fromkeys(r.model for r in rows):
+        for reducer in reducers:
+            found = oracle(rows, model, reducer)
+            if found is None:
+                continue
+            low, high = found.interval()
+            full = max((r for r in rows if r.model == model and r.reducer == reducer), key=lambda r: r.budget)
+            lines.append(f"{model} {reducer} oracle (cheapest of {'/'.join(map(str, found.budgets))} tokens answering each "
+                         f"example): accuracy {found.accuracy:.3f} ({low:.2f}-{high:.2f}) at {found.mean_tokens:.1f} tokens "
+                         f"on average; {reducer} at {full.budget}: {full.scores.accuracy:.3f}")
     return "\n".join(lines)

@@ -217,6 +217,11 @@ class ConnectorReducer(Reducer):
         cap = self.budget_cap()
         return num_tokens if cap is not None and cap >= num_tokens else self.target(num_tokens)
 
+    def flops(self, images: int, tokens: int) -> int:
+        """Multiply-add FLOPs (2 per product) of the reducer's own layers on ``images`` images of
+        ``tokens`` tokens each (a query transformer; 0 for methods that only select or average)."""
+        return 0
+
     def image_targets(self, state: TokenState, counts: list[int]) -> list[int]:
         """Tokens kept of each image of a batch: row ``b`` of ``state`` offers ``counts[b]``
         reducible tokens. Default: :meth:`runtime_target` of each count; a method whose budget

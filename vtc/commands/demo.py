@@ -17,11 +17,13 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description=(
             "Default (a few minutes on 2 CPU cores): the shapes benchmark on the checkpoints shipped with vtc "
             "(shapes-vit, a timm ViT classifier, and shapes-llava, an HF LLaVA), offline, on 200 test examples: "
-            "ToMe, EViT, random drop, pooling and HoloV at budgets of 256/64/16 visual tokens and DyMU at its mid "
+            "ToMe, EViT, random drop, pooling and HoloV at budgets of 256/64/16/4/1 visual tokens (a budget a "
+            "reducer cannot reach is skipped and listed), the trained M3 and MQT on their own checkpoints "
+            "(shapes-llava-m3, shapes-llava-mqt) at the same counts with M3's oracle, and DyMU at its mid "
             "preset. It prints test accuracy per question type with 95%% intervals, agreement with the unreduced "
             "model, GFLOPs and speedup (timed interleaved with the unreduced model), and writes shapes.csv, "
             "shapes.json (with versions and options), pareto.png and per_type.png. --full runs the whole "
-            "benchmark (500 examples, budgets 256/128/64/32/16, every DyMU preset; about 30 minutes on 2 cores). "
+            "benchmark (500 examples, budgets 256/128/64/32/16/4/1, every DyMU preset; about 40 minutes on 2 cores). "
             "With --models timm,open_clip: a timm vit_small_patch16_224 and an open_clip ViT-B-32 over sample images "
             "bundled with scikit-image (tokens per layer, GFLOPs, throughput, fidelity: top-1 agreement and KL for "
             "timm logits, cosine for CLIP embeddings), results.csv and one merge picture per reducer family; their "
@@ -40,10 +42,10 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                              "laion2b_s34b_b79k) from the Hugging Face hub; needs internet on first use")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true",
-                      help="the whole shapes benchmark: 500 examples, budgets 256/128/64/32/16, DyMU low/mid/high "
-                           "(about 30 minutes on 2 CPU cores), e.g. vtc demo --full")
+                      help="the whole shapes benchmark: 500 examples, budgets 256/128/64/32/16/4/1, DyMU low/mid/high "
+                           "(about 40 minutes on 2 CPU cores), e.g. vtc demo --full")
     size.add_argument("--quick", action="store_true",
-                        help="smoke test, timings rough: shapes on 40 examples at budgets 256/64/16; timm / open_clip as tiny "
+                        help="smoke test, timings rough: shapes on 40 examples at budgets 256/64/16/4/1; timm / open_clip as tiny "
                              "6-block models with one budget per reducer family; batch 4, 1 repeat")
     parser.add_argument("--batch", metavar="N", type=positive_int, default=None,
                         help="images per timed forward (default 8, or 4 with --quick); beyond the 8 bundled sample "

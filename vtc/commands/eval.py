@@ -10,23 +10,26 @@ import json
 from functools import partial
 from pathlib import Path
 
+import vtc
 from vtc import harness
 from vtc.commands.common import add_device_options, positive_int, prepare_output, reducer_spec
 from vtc.commands.models import FORMS, ModelSpecError, load_model
 from vtc.data import shapes
 from vtc.data.evaluate import classifier_scores, vlm_scores
 from vtc.models import zoo
-from vtc.shapes_benchmark import BUDGETS, DYMU_PRESETS, REDUCERS, BenchmarkOptions, format_table, run
+from vtc.shapes_benchmark import BUDGETS, DYMU_PRESETS, REDUCERS, BenchmarkOptions, format_oracles, format_table, run
 from vtc.shapes_plots import write_outputs
 
 DESCRIPTION = """\
 Accuracy of reducers beside the unreduced model: the shapes benchmark (default) or, with --folder,
 your own class folders.
 
-Shapes benchmark (without --folder): every reducer at budgets of 256/128/64/32/16 visual tokens on
-the shipped shapes checkpoints. For each model (shapes-vit, shapes-llava), reducer (tome, evit,
-random, pool; holov on the LLaVA) and budget, and DyMU at its shipped presets (with and without
-virtual unmerging on LLaVA): test accuracy overall and per question type with 95% intervals,
+Shapes benchmark (without --folder): every reducer at budgets of 256/128/64/32/16/4/1 visual tokens
+on the shipped shapes checkpoints (a budget a reducer cannot reach is skipped and listed). For each
+model (shapes-vit, shapes-llava), reducer (tome, evit, random, pool; on the LLaVA also holov, and
+the trained m3 and mqt, run on their own checkpoints shapes-llava-m3 / shapes-llava-mqt, with
+M3's oracle) and budget, and DyMU at its shipped presets (with and without virtual unmerging on
+LLaVA): test accuracy overall and per question type with 95% intervals,
 agreement with the unreduced model's predictions, FLOPs per image and latency measured side by
 side with the unreduced model. Writes shapes.csv, shapes.json (the rows with the options, checkpoint
 folders, versions and machine), pareto.png (accuracy against visual tokens and against FLOPs) and
@@ -193,6 +196,8 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     print(format_table(rows))
+    if format_oracles(rows):
+        print("\n" + format_oracles(rows))
     print("\n" + "\n".join(f"wrote {path}" for path in write_outputs(rows, out, options, "vtc eval")))
     return 0
 
@@ -282,14 +287,16 @@ def run_folder(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
 
 
 def check_card(name: str, write: bool, device: str = "cpu") -> bool:
-    """Evaluate ``name`` unreduced on the whole test split; print it beside its card (or write the
-    card); True when they agree to the example."""
+    """Evaluate ``name`` on the whole test split (unreduced, or with the reducer its card names:
+    a trained method's checkpoint); print it beside its card (or write the card); True when they
+    agree to the example."""
     ckpt = zoo.load(name, device)
     examples = shapes.examples("test", shapes.SPLITS["test"][1])
-    scores = (vlm_scores(ckpt.model, ckpt.processor, examples, batch_size=100) if ckpt.kind == "llava"
-              else classifier_scores(ckpt.model, examples))
+    with vtc.apply(ckpt.model, *([ckpt.card["spec"]] if ckpt.card.get("spec") else [])):  # a trained method's own reducer
+        scores = (vlm_scores(ckpt.model, ckpt.processor, examples, batch_size=100) if ckpt.kind == "llava"
+                  else classifier_scores(ckpt.model, examples))
     if write:
-        card = zoo.write_card(ckpt.path, scores)
+        card = zoo.write_card(ckpt.path, scores, **{k: ckpt.card[k] for k in ("spec", "budgets") if k in ckpt.card})
         print(f"{name}: wrote {ckpt.path / zoo.CARD}: {json.dumps(card['test_by_type'])}")
         return True
     fresh = {"test_accuracy": round(scores.accuracy, 4), "test_by_type": {k: round(v, 4) for k, v in scores.by_type().items()},

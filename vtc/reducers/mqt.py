@@ -263,6 +263,15 @@ class MQT(ConnectorReducer):
     def image_targets(self, state: TokenState, counts: list[int]) -> list[int]:
         return per_image_counts(self.name, self.tokens, len(counts))
 
+    def flops(self, images: int, tokens: int) -> int:
+        """Per image: the query, key and value projections (all M queries run, see
+        :meth:`QueryTransformer.forward`), scores and weighted sum, the output projection and
+        ``W_proj``."""
+        config = self.resolve(None).config
+        c, m = config.feature_width, config.queries
+        projections = 2 * c * c * (m + 2 * tokens + m) + 2 * m * c * config.llm_width
+        return images * (projections + 4 * m * tokens * c)
+
     def reduce_visual(self, state: TokenState, signals: Signals, targets: torch.Tensor) -> TokenState:
         """Row ``b`` becomes the first ``targets[b]`` query outputs (LLM width); query ``i`` stands
         at the image's placeholder ``i`` (``origin``), padding after a shorter prefix."""

@@ -11,7 +11,6 @@ holds ``batch`` images of different conversation lengths (right padding).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +20,7 @@ from vtc.apply import apply
 from vtc.data import shapes
 from vtc.data.evaluate import Scores, vlm_scores
 from vtc.data.training import pixels
-from vtc.models.zoo import load, write_card
+from vtc.models.zoo import SUBSET, load, write_card
 from vtc.sites import Reducer
 from vtc.train.shapes_llava import collate, conversation
 from vtc.train.trainer import RunOptions, Trainer
@@ -79,10 +78,7 @@ class ConnectorFinetuner(Trainer):
     @torch.no_grad()
     def scores(self, examples: list[shapes.Example]) -> dict[str, Scores]:
         self.model.eval()
-        out = {}
-        for label, reducer in self.budgets():
-            with apply(self.model, reducer):
-                out[label] = vlm_scores(self.model, self.processor, examples)
+        out = method_scores(self.model, self.processor, self.budgets(), examples)
         self.model.train()
         self.tower.eval()
         return out
@@ -93,8 +89,9 @@ class ConnectorFinetuner(Trainer):
 
     def write_checkpoint(self, command: str, minutes: float, **fields: Any) -> dict:
         """Model + processor (``save_pretrained``), ``training.json`` (with the validation accuracy
-        of every budget) and ``card.json`` (the test split at the first budget, the method's
-        largest, and every budget on the card's test subset)."""
+        of every budget) and ``card.json``: the test split with the first budget's reducer applied
+        (the method's largest; its ``spec`` recorded, which ``vtc eval --cards`` applies), and the
+        accuracy at every budget."""
         self.model.eval()
         self.model.save_pretrained(self.out)
         self.processor.save_pretrained(self.out)
@@ -106,13 +103,29 @@ class ConnectorFinetuner(Trainer):
                     val_questions=self.options.val_examples,
                     data=f"vtc.data.shapes train split indices {r.image_offset} .. "
                          f"{r.image_offset + self.steps * r.batch - 1}, all question types per image")
-        labels = [label for label, _ in self.budgets()]
-        test = shapes.examples("test", self.options.test_examples)
-        first = self.scores(test)
-        card = write_card(self.out, first[labels[0]])
-        card["budgets"] = {label: {"subset_accuracy": round(sum(s.correct[:card["subset_examples"]]) / card["subset_examples"], 4),
-                                   "test_accuracy": round(s.accuracy, 4), "test_by_type": {k: round(v, 4) for k, v in s.by_type().items()}}
-                           for label, s in first.items()}
-        card["budget_of_test_accuracy"] = labels[0]
-        (self.out / "card.json").write_text(json.dumps(card, indent=1) + "\n")
-        return card
+        return method_card(self.out, self.model, self.processor, self.budgets(), self.options.test_examples)
+
+
+def method_scores(model, processor, budgets: list[tuple[str, Reducer]], examples: list[shapes.Example]) -> dict[str, Scores]:
+    """Shapes scores of ``model`` with each budget's reducer applied."""
+    out = {}
+    for label, reducer in budgets:
+        with apply(model, reducer):
+            out[label] = vlm_scores(model, processor, examples)
+    return out
+
+
+@torch.no_grad()
+def method_card(folder, model, processor, budgets: list[tuple[str, Reducer]], test_examples: int) -> dict:
+    """``card.json`` of a checkpoint trained for a connector method: the test split with the first
+    budget's reducer applied (its ``spec`` recorded; ``vtc eval --cards`` applies it) and the
+    accuracy at every budget."""
+    model.eval()
+    scores = method_scores(model, processor, budgets, shapes.examples("test", test_examples))
+    specs = {label: reducer.describe() for label, reducer in budgets}
+    first = next(iter(specs))
+    subset = min(SUBSET, len(scores[first].truth))
+    summary = {label: {"spec": specs[label], "subset_accuracy": round(sum(s.correct[:subset]) / max(1, subset), 4),
+                       "test_accuracy": round(s.accuracy, 4), "test_by_type": {k: round(v, 4) for k, v in s.by_type().items()}}
+               for label, s in scores.items()}
+    return write_card(folder, scores[first], spec=specs[first], budgets=summary)
