@@ -38,8 +38,9 @@ ZOO = {
                           "r5, r6 and r7, each with --init from the one before (their commands: BENCHMARKS.md, training "
                           "runs; the shipped training.json lists them as lineage), and copy r7's folder here"),
     "shapes-llava-m3": Entry("llava", "shapes-llava fine-tuned with M3's nested scales (apply m3:tokens=256|64|16|4|1)",
-                             "python scripts/train_m3.py --out models/checkpoints/shapes-llava-m3 --steps 800 "
-                             "--eval-every 200 --eval-examples 100 --max-minutes 90 --threads 1"),
+                             "python scripts/train_m3.py --out outputs/shapes-llava-m3 --steps 800 --eval-every 200 "
+                             "--eval-examples 100 --max-minutes 90 --threads 1, then copy its folder here (without "
+                             "train-state/)"),
     "shapes-llava-mqt": Entry("llava", "shapes-llava with MQT's query transformer in place of its projector (apply "
                               "mqt:tokens=m, 1 <= m <= 256; the transformer is in its mqt/ folder)",
                               "python scripts/train_mqt.py --out models/checkpoints/shapes-llava-mqt (options: BENCHMARKS.md)"),

@@ -51,7 +51,7 @@ def test_m3_run_writes_a_checkpoint_with_every_scale_on_its_card(tmp_path):
     out = tmp_path / "m3"
     assert M3Trainer(M3Recipe(steps=2, batch=2, scales="256,16"), out, QUICK).run()
     card = json.loads((out / "card.json").read_text())
-    assert set(card["budgets"]) == {"256", "16"} and card["budget_of_test_accuracy"] == "256"
+    assert set(card["budgets"]) == {"256", "16"} and card["spec"] == card["budgets"]["256"]["spec"] == "m3:tokens=256"
     record = json.loads((out / "training.json").read_text())
     assert record["base"] == "shapes-llava" and record["method"]["scales"] == [256, 16]
     loaded = zoo.load(out)
@@ -83,9 +83,38 @@ def test_mqt_resumes_bit_identically(tmp_path):
     recipe = MQTRecipe(stage1_steps=2, stage2_steps=2, batch=2, warmup=1)
     whole, split = tmp_path / "whole", tmp_path / "split"
     MQTTrainer(recipe, whole, QUICK).run()
-    assert not MQTTrainer(recipe, split, replace(QUICK, max_minutes=1e-9)).run()  # stops at the first save point
-    assert json.loads((split / "train-state" / "state.json").read_text())["step"] == 2  # the stage boundary
-    assert MQTTrainer(recipe, split, QUICK).run(resume=True)
+    stopped = replace(QUICK, max_minutes=1e-9)  # stops (and saves) after every step
+    assert not MQTTrainer(recipe, split, stopped).run()
+    resumed = []
+    while not MQTTrainer(recipe, split, stopped).run(resume=True):  # across the stage boundary, one step at a time
+        resumed.append(json.loads((split / "train-state" / "state.json").read_text())["step"])
+    assert resumed == [2, 3]
     assert read_log(whole / LOG) == read_log(split / LOG)
     weights = [load_file(str(folder / "mqt" / "query-transformer.safetensors")) for folder in (whole, split)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_two_processes_under_accelerate_launch_share_each_batch(tmp_path):
+    """``accelerate launch --num_processes 2 --cpu``: each process takes half of every batch, the
+    gradients are averaged, one process writes the log and the checkpoint."""
+    pytest.importorskip("accelerate")
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "mqt"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu",
+               str(root / "scripts" / "train_mqt.py"), "--out", str(out), "--stage1-steps", "2", "--stage2-steps", "1",
+               "--batch", "4", "--warmup", "1", "--eval-every", "1000", "--eval-examples", "4", "--val-examples", "4",
+               "--test-examples", "4", "--threads", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=root,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [r for r in read_log(out / LOG) if "loss" in r]
+    assert [r["step"] for r in steps] == [0, 1, 2]  # one log, written by one process
+    record = json.loads((out / "training.json").read_text())
+    assert record["minutes"] > 0 and (out / "mqt" / "query-transformer.safetensors").is_file()
+    assert (out / "card.json").is_file()

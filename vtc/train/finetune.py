@@ -3,7 +3,8 @@
 The base model comes from the zoo or a checkpoint folder (``base``); its vision tower stays frozen
 (M3's released training gives it no gradient; MQT freezes CLIP). Batches are the shapes-llava
 recipe's multi-turn conversations (:func:`vtc.data.shapes` images in order from
-``image_offset``, every question type per image), and the loss is the LLaVA answer loss (next-token
+``image_offset``, every question type per image; ``accelerate launch`` splits every batch between
+its processes and averages their gradients), and the loss is the LLaVA answer loss (next-token
 cross-entropy on the answers, prompts and padding masked) computed through ``vtc.apply`` with the
 method's reducer, i.e. on exactly the sequence the method gives the LLM at inference. A batch
 holds ``batch`` images of different conversation lengths (right padding).
@@ -41,8 +42,11 @@ class FinetuneRecipe:
 
 class ConnectorFinetuner(Trainer):
     """Loads ``recipe.base``, freezes its tower, and builds the shapes batches; a subclass sets
-    ``modules`` / ``optimizer``, implements ``train_step`` with :meth:`answer_loss`, and names the
-    reducers it validates (:meth:`budgets`)."""
+    ``modules`` / ``optimizer``, implements ``train_step`` with :meth:`answer_loss` (averaging the
+    gradients over processes before its optimizer step), and names the reducers it validates
+    (:meth:`budgets`). Under ``accelerate launch`` each process takes its share of every batch."""
+
+    data_parallel = True
 
     def __init__(self, recipe: Any, out, options: RunOptions = RunOptions()) -> None:
         super().__init__(recipe, out, options)
@@ -58,11 +62,15 @@ class ConnectorFinetuner(Trainer):
         self.image_tokens = grid * grid
 
     def batch(self, step: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Inputs (ids, labels, mask; the processor's full placeholder count) and pixels of ``step``."""
+        """Inputs (ids, labels, mask; the processor's full placeholder count) and pixels of
+        ``step``: with several processes this process's share of the rows (every process draws
+        the whole batch's conversations, so the random stream is the same for any process count)."""
         r = self.recipe
         examples = [shapes.example("train", r.image_offset + step * r.batch + i) for i in range(r.batch)]
         tokenizer = self.processor.tokenizer
         conversations = [conversation(e, tokenizer, self.image_tokens, self.rng, r.per_type) for e in examples]
+        index, count = self.processes
+        examples, conversations = examples[index::count], conversations[index::count]
         inputs = {k: v.to(self.device) for k, v in collate(conversations, tokenizer.pad_token_id).items()}
         return inputs, pixels([e.image for e in examples]).to(self.device)
 

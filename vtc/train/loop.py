@@ -63,23 +63,28 @@ def read_log(path: Path) -> list[dict[str, Any]]:
 
 
 def run_loop(config: LoopConfig, start: int, train_step: Callable[[int], dict[str, float]],
-             save: Callable[[int], None], log: JsonLog, evaluate: Callable[[int], dict[str, Any]] | None = None,
-             description: str = "train") -> bool:
+             save: Callable[[int], None], log: JsonLog | None, evaluate: Callable[[int], dict[str, Any]] | None = None,
+             description: str = "train", agree: Callable[[bool], bool] = bool, progress: bool = True) -> bool:
     """Run steps ``start .. config.steps - 1``. Training records carry ``step`` (the step just
     run), validation records ``step`` = steps done and ``val``. Returns True when every step ran,
-    False when the time limit stopped the run (after saving)."""
+    False when the time limit stopped the run (after saving). With several processes only one
+    logs (the others pass ``log`` None) and ``agree`` makes every process stop at the same step
+    (true when the limit is reached on any)."""
     began = time.monotonic()
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=description, unit="step")
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=description, unit="step",
+               disable=not progress)
     for step in bar:
         record = train_step(step)
-        log.write({"step": step, **record})
+        if log is not None:
+            log.write({"step": step, **record})
         bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if isinstance(v, float)})
         done = step + 1
         if evaluate is not None and (done % config.eval_every == 0 or done == config.steps):
             result = evaluate(done)
-            log.write({"step": done, "val": result})
+            if log is not None:
+                log.write({"step": done, "val": result})
             bar.write(f"step {done}: {json.dumps(result)}")
-        out_of_time = config.max_minutes is not None and time.monotonic() - began >= 60 * config.max_minutes
+        out_of_time = agree(config.max_minutes is not None and time.monotonic() - began >= 60 * config.max_minutes)
         if done % config.save_every == 0 or done == config.steps or out_of_time:
             save(done)
         if out_of_time and done < config.steps:

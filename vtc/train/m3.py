@@ -76,6 +76,7 @@ class M3Trainer(ConnectorFinetuner):
             loss.backward()
             record[f"loss_{scale}"] = loss.item() * len(self.scales)
             total += loss.item()
+        self.average_gradients(self.trained)
         torch.nn.utils.clip_grad_norm_(self.trained, 1.0)
         self.optimizer.step()
         record["loss"] = total

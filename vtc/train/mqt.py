@@ -105,6 +105,7 @@ class MQTTrainer(ConnectorFinetuner):
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         trained = list(self.transformer.parameters()) + ([] if first else self.llm)
+        self.average_gradients(trained)
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         self.optimizer.step()
         return {"lr": self.optimizer.param_groups[0]["lr"], "tokens": tokens, "loss": loss.item()}

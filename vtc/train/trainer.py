@@ -5,6 +5,7 @@ validation and the checkpoint it writes."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +39,11 @@ class RunOptions:
     test_examples: int = shapes.SPLITS["test"][1]  # test examples of the card at the end
 
 
+def launched_processes() -> int:
+    """Processes ``accelerate launch`` (or torchrun) started for this run (1 when run directly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def resolve_device(name: str) -> str:
     """``auto`` -> ``cuda`` when a GPU is present, else ``cpu``; anything else as given."""
     if name == "auto":
@@ -54,6 +60,8 @@ class Trainer:
     modules: torch.nn.Module
     optimizer: torch.optim.Optimizer
 
+    data_parallel: ClassVar[bool] = False  # runs under ``accelerate launch`` with several processes
+
     def __init__(self, recipe: Any, out: Path, options: RunOptions) -> None:
         self.recipe, self.out, self.options = recipe, Path(out), options
         if options.threads:
@@ -61,6 +69,43 @@ class Trainer:
         torch.manual_seed(recipe.seed)
         self.rng = np.random.default_rng(recipe.seed)
         self.device = torch.device(resolve_device(options.device))
+        self.accelerator = None
+        if launched_processes() > 1:
+            if not self.data_parallel:
+                raise RuntimeError(f"the {self.name} trainer runs in one process; start it without accelerate launch")
+            try:
+                from accelerate import Accelerator
+            except ImportError:
+                raise RuntimeError("several processes need accelerate, which vtc's train extra installs: "
+                                   "pip install 'vtc-vlm[train]'") from None
+            self.accelerator = Accelerator(cpu=self.device.type == "cpu")
+            self.device = self.accelerator.device
+
+    # ----- several processes (accelerate launch) -------------------------------------------------
+    @property
+    def processes(self) -> tuple[int, int]:
+        """(this process's index, the number of processes); (0, 1) without accelerate."""
+        if self.accelerator is None:
+            return 0, 1
+        return self.accelerator.process_index, self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        """The process that writes the state, the log, the curve and the checkpoint."""
+        return self.processes[0] == 0
+
+    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Replace each gradient by its mean over the processes (each saw its share of the batch)."""
+        if self.accelerator is not None:
+            for p in params:
+                if p.grad is not None:
+                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+
+    def any_process(self, flag: bool) -> bool:
+        """True when ``flag`` holds on any process, so that all stop at the same step."""
+        if self.accelerator is None:
+            return flag
+        return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=self.device), reduction="sum").item() > 0)
 
     @property
     def architecture(self) -> dict[str, Any]:
@@ -105,23 +150,34 @@ class Trainer:
         write the checkpoint. An ``out`` holding a checkpoint or another run is refused unless
         ``resume`` or ``overwrite`` (:func:`vtc.train.output.training_output`). Returns True when
         every step ran."""
-        training_output(self.out, STATE_DIR, overwrite, resume)
+        if self.is_main:
+            training_output(self.out, STATE_DIR, overwrite, resume)
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
         start, minutes_before = 0, 0.0
         if resume:
             saved = self.resume()
             start, minutes_before = saved.step, float(saved.extra.get("minutes", 0.0))
         else:
             self.start_fresh()
-        log = JsonLog(self.out / LOG, resume_step=start if resume else None)
+        log = JsonLog(self.out / LOG, resume_step=start if resume else None) if self.is_main else None
         began = time.monotonic()
 
         def minutes() -> float:
             return round(minutes_before + (time.monotonic() - began) / 60, 2)
 
+        def save(step: int) -> None:
+            if self.is_main:
+                self.save(step, minutes())
+
         options = self.options
         config = LoopConfig(self.steps, options.eval_every, options.save_every, options.max_minutes)
-        finished = run_loop(config, start, self.train_step, lambda step: self.save(step, minutes()), log,
-                            self.evaluate, description=self.name)
+        finished = run_loop(config, start, self.train_step, save, log, self.evaluate if self.is_main else None,
+                            description=self.name, agree=self.any_process, progress=self.is_main)
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+        if not self.is_main:
+            return finished
         plot_curve(self.out / LOG, self.out / CURVE, title=self.name)
         if finished:
             self.write_checkpoint(command, minutes())
