@@ -210,3 +210,28 @@ def test_profile_counts_the_query_transformer(llava_mqt):
         report = profile(model, inputs, new_tokens=2, warmup=0, repeats=1)
     assert report.visual_tokens == [3, 7]
     assert report.vision.flops_ratio == pytest.approx(1.0, abs=1e-3)
+
+
+# the official MQT-LLaVA checkpoint's query_abstractor (gordonhu/MQT-LLaVA-7b, Resampler of
+# llava/model/multimodal_projector/builder.py): names and shapes for CLIP-L/14-336 and Vicuna-7B
+OFFICIAL_SHAPES = {
+    "query": (256, 1024), "pos_embed": (256, 1024), "proj": (1024, 4096),
+    "attn.in_proj_weight": (3072, 1024), "attn.in_proj_bias": (3072,),
+    "attn.out_proj.weight": (1024, 1024), "attn.out_proj.bias": (1024,),
+    **{f"{ln}.{p}": (1024,) for ln in ("ln_q", "ln_k", "ln_v") for p in ("weight", "bias")},
+}
+
+
+def test_the_official_names_and_shapes_load_into_the_official_configuration():
+    generator = torch.Generator().manual_seed(0)
+    state = {f"model.query_abstractor.{k}": torch.randn(shape, generator=generator) * 0.02 for k, shape in OFFICIAL_SHAPES.items()}
+    state["model.query_abstractor.pos_embed"] = sincos_2d(16, 1024).half()
+    module = from_official(state)
+    assert module.config == QueryTransformerConfig(1024, 4096, 256, 16)
+    loaded = module.state_dict()
+    for key, shape in OFFICIAL_SHAPES.items():
+        if key != "pos_embed":
+            assert torch.equal(loaded[key], state[f"model.query_abstractor.{key}"]), key
+    x = torch.randn(1, 576, 1024, generator=generator)  # CLIP-L/14-336: a 24x24 grid, keys resized from 16x16
+    with torch.no_grad():
+        assert module.eval()(x, (24, 24), 16).shape == (1, 16, 4096)

@@ -119,7 +119,7 @@ class M3(ConnectorReducer):
             raise ValueError("m3: the connector needs the patch grid the visual tokens come from")
         nested_scales(info.grid)
         if not callable(self.tokens):
-            for tokens in (self.tokens,) if isinstance(self.tokens, int) else self.tokens:
+            for tokens in (self.tokens,) if isinstance(self.tokens, int) else tuple(self.tokens or ()):
                 check_scale(tokens, info.grid)
 
     def target(self, num_tokens: int) -> int:
@@ -133,7 +133,8 @@ class M3(ConnectorReducer):
             rows = [state.x[b, p:] if state.valid is None else state.x[b, p:][state.valid[b, p:]]
                     for b in range(state.x.shape[0])]
             return [int(self.tokens(row)) for row in rows]
-        return per_image_counts(self.name, self.tokens, len(counts))
+        return per_image_counts(self.name, self.tokens if isinstance(self.tokens, int) else tuple(self.tokens or ()),
+                                len(counts))
 
     def reduce_visual(self, state: TokenState, signals: Signals, targets: torch.Tensor) -> TokenState:
         if state.grid is None:

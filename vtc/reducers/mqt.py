@@ -84,6 +84,8 @@ class QueryTransformerConfig:
 class QueryTransformer(nn.Module):
     """The MQT compressor (module docstring): vision features (B, N, C) on a patch grid -> (B, m, D)."""
 
+    pos_embed: torch.Tensor
+
     def __init__(self, config: QueryTransformerConfig) -> None:
         super().__init__()
         self.config = config
@@ -251,7 +253,7 @@ class MQT(ConnectorReducer):
         if info.llm_width is not None and info.llm_width != config.llm_width:
             raise ValueError(f"mqt: the query transformer writes tokens of width {config.llm_width}, this model's "
                              f"LLM takes {info.llm_width}")
-        for tokens in (self.tokens,) if isinstance(self.tokens, int) else self.tokens:
+        for tokens in self.counts():
             if tokens > config.queries:
                 raise ValueError(f"mqt: tokens={tokens} is more than the {config.queries} queries of the transformer")
 
@@ -260,8 +262,12 @@ class MQT(ConnectorReducer):
             raise ValueError("mqt: per-image prefixes are chosen per batch (image_targets), not from a count")
         return self.tokens
 
+    def counts(self) -> tuple[int, ...]:
+        """The prefix (or the per-image prefixes) as a tuple."""
+        return (self.tokens,) if isinstance(self.tokens, int) else tuple(self.tokens or ())
+
     def image_targets(self, state: TokenState, counts: list[int]) -> list[int]:
-        return per_image_counts(self.name, self.tokens, len(counts))
+        return per_image_counts(self.name, self.tokens if isinstance(self.tokens, int) else self.counts(), len(counts))
 
     def flops(self, images: int, tokens: int) -> int:
         """Per image: the query, key and value projections (all M queries run, see
