@@ -20,10 +20,12 @@ LLAVA_SPECS = [(), ("pool:tokens=4",), ("random:tokens=5",), ("tome:r=2",), ("ev
                ("pool:site=encoder,tokens=4", "random:tokens=2"), ("tome:r=2", "pool:tokens=4"),
                ("evit:keep=0.5,fuse=false", "pool:tokens=4", "exit:layer=1"),  # pooling laid-back tokens
                ("pool:tokens=4", "random:tokens=2"),  # a connector chain
-               ("dymu:thresholds=0.3,vtu=off", "holov:k=4")]  # per-image counts: each image its own crop count
+               ("dymu:thresholds=0.3,vtu=off", "holov:k=4"),  # per-image counts: each image its own crop count
+               ("m3:tokens=4",), ("tome:r=2", "m3:tokens=1")]  # M3's nested pooling, also of merged tokens
 NEXT_SPECS = [(), ("pool:tokens=9",), ("random:tokens=11",), ("tome:r=3",), ("evit:keep=0.6", "random:site=connector,tokens=4"),
               ("tome:r=2", "random:keep=0.3", "exit:layer=2"), ("tome:r=3", "pool:tokens=9"),
-              ("evit:keep=0.5,fuse=false", "pool:kernel=2"), ("pool:tokens=9", "random:tokens=5")]
+              ("evit:keep=0.5,fuse=false", "pool:kernel=2"), ("pool:tokens=9", "random:tokens=5"),
+              ("tome:r=3", "m3:tokens=4")]
 
 
 def _inputs(processor, images, texts):

@@ -80,7 +80,7 @@ def test_an_installed_plugin_reducer_applies_by_spec_string(tmp_path: Path):
     counts, spec, names, error = result.stdout.strip().splitlines()
     assert counts == "[17, 17, 9, 9]"  # CLS + 16 patches; block 1 keeps every second patch
     assert spec == "stride:step=4"
-    assert names == str(["dymu", "evit", "exit", "holov", "pool", "random", "stride", "tome", "vtu"])
+    assert names == str(["dymu", "evit", "exit", "holov", "m3", "mqt", "pool", "random", "stride", "tome", "vtu"])
     assert error == "stride: step must be an integer, got 'two'"
 
 
