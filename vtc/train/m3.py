@@ -28,7 +28,7 @@ from vtc.train.trainer import RunOptions
 class M3Recipe(FinetuneRecipe):
     """Everything that changes the trained weights (checked when a run resumes)."""
 
-    steps: int = 600  # optimizer steps
+    steps: int = 800  # optimizer steps
     lr: float = 3e-4  # peak learning rate of the projector and the LLM
     scales: str = ""  # comma-separated token counts trained together ("" = every nested scale of the grid)
 
