@@ -81,6 +81,7 @@ class _Pass:
     reduced: bool = False  # a selection ran in this forward
     counts: list[int] = field(default_factory=list)
     kept: list[torch.Tensor] = field(default_factory=list)
+    kept_visual: list[torch.Tensor] = field(default_factory=list)
 
 
 class DecoderSite:
@@ -88,12 +89,15 @@ class DecoderSite:
     "LLaVA and LLaVA-NeXT", Decoder site: inside LLM decoder layers).
 
     ``token_counts``: sequence length entering each layer in the last forward with image tokens,
-    then leaving the last one; ``kept_per_row`` (B, L + 1): real tokens not hidden, per row. In
+    then leaving the last one; ``kept_per_row`` (B, L + 1): real tokens not hidden, per row, and
+    ``visual_per_row`` the image tokens among them (:attr:`exit_layers` derives from it). A
+    selection that removes nothing leaves the layers running exactly as unpatched. In
     "drop" mode the LM's output has the compacted length (left-padded; the last position is each
     row's last token, kept as a query even when unselected but then hidden from other tokens).
     """
 
-    def __init__(self, language_model: nn.Module, reducer: DecoderReducer, patcher: InstancePatcher) -> None:
+    def __init__(self, language_model: nn.Module, reducer: DecoderReducer, patcher: InstancePatcher,
+                 source: str | None = None) -> None:
         layers = getattr(language_model, "layers", None)
         config = getattr(language_model, "config", None)
         if not isinstance(layers, nn.ModuleList) or config is None:
@@ -105,11 +109,12 @@ class DecoderSite:
         self.model = language_model
         self.reducer = reducer
         self.patcher = patcher
-        self.info = DecoderInfo(type(language_model).__name__, len(layers), int(config.hidden_size))
+        self.info = DecoderInfo(type(language_model).__name__, len(layers), int(config.hidden_size), source)
         self.select_layers = frozenset(reducer.layers(self.info))
         self.mode = reducer.removal()
         self.token_counts: list[int] = []
         self.kept_per_row: torch.Tensor | None = None
+        self.visual_per_row: torch.Tensor | None = None
         self._visual: torch.Tensor | None = None
         self._mask2d: Any = None
         self._pass: _Pass | None = None
@@ -138,6 +143,7 @@ class DecoderSite:
             p = self._pass
             if p is not None and p.visual is not None:
                 self.token_counts, self.kept_per_row = p.counts, torch.stack(p.kept, 1)
+                self.visual_per_row = torch.stack(p.kept_visual, 1)
             return out
         finally:
             self._pass, self._mask2d = None, None
@@ -191,14 +197,27 @@ class DecoderSite:
         if p is None or p.visual is None:
             return out
         h = out[0] if isinstance(out, tuple) else out
-        p.counts.append(hidden_states.shape[1])
-        p.kept.append(self._real(p).sum(1))
+        self._count(p, hidden_states.shape[1])
         if j in self.select_layers:
             h = self._select(j, p, h)
         if j == self.info.num_layers - 1:
-            p.counts.append(h.shape[1])
-            p.kept.append(self._real(p).sum(1))
+            self._count(p, h.shape[1])
         return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    @property
+    def exit_layers(self) -> torch.Tensor | None:
+        """(B,) per row of the last prefill with image tokens: the last layer that saw any of
+        them (``num_layers - 1`` when none left; -1 for a row without an image)."""
+        if self.visual_per_row is None:
+            return None
+        return (self.visual_per_row[:, :-1] > 0).sum(1) - 1
+
+    def _count(self, p: _Pass, length: int) -> None:
+        """Record the tokens entering a layer (or leaving the last): length, real and image ones."""
+        real = self._real(p)
+        p.counts.append(length)
+        p.kept.append(real.sum(1))
+        p.kept_visual.append((p.visual.gather(1, p.rows.clamp(min=0)) & real).sum(1))
 
     @staticmethod
     def _real(p: _Pass) -> torch.Tensor:
@@ -241,6 +260,8 @@ class DecoderSite:
             got, wanted = tuple(keep.shape), tuple(real.shape)
             raise ValueError(f"vtc: {self.reducer.name}.select returned shape {got}, expected {wanted}")
         keep = keep.bool() & real
+        if torch.equal(keep, real):  # nothing leaves: the layers run on as unpatched
+            return h
         p.reduced = True
         if self.mode == "mask":
             p.alive = p.alive & keep

@@ -108,7 +108,8 @@ class LlavaAdapter:
         if isinstance(reducers.get(Site.DECODER), UnmergingReducer):
             self.vtu = VirtualUnmergeSite(self.inner.language_model, reducers[Site.DECODER].mode, self._patcher)
         elif Site.DECODER in reducers:
-            self.decoder = DecoderSite(self.inner.language_model, reducers[Site.DECODER], self._patcher)
+            self.decoder = DecoderSite(self.inner.language_model, reducers[Site.DECODER], self._patcher,
+                                       source=getattr(self.config, "_name_or_path", None) or None)
         self.layout: Assembled | None = None
         self.visual: VisualTokens | None = None
         self.virtual = None  # vtc.models.vtu.VirtualMap of the last call under virtual unmerging
@@ -152,6 +153,12 @@ class LlavaAdapter:
     def decoder_token_counts(self) -> list[int] | None:
         """Sequence length each LLM layer ran on in the last prefill (decoder site), then the output."""
         return None if self.decoder is None else list(self.decoder.token_counts)
+
+    @property
+    def exit_layers(self) -> list[int] | None:
+        """Per prompt of the last prefill: the last LLM layer that saw image tokens (decoder site)."""
+        exits = None if self.decoder is None else self.decoder.exit_layers
+        return None if exits is None else exits.tolist()
 
     # ----- install / remove ------------------------------------------------------------------------
     def install(self) -> None:

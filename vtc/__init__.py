@@ -9,13 +9,13 @@
 
 from vtc.answer import answer
 from vtc.apply import Handle, apply
-from vtc.reducers import M3, MQT, DyMU, EViT, HoloV, Pool, RandomDrop, ToMe, VirtualUnmerge, VisualExit, parse_reducer
+from vtc.reducers import M3, MQT, DyMU, DyVTE, EViT, HoloV, Pool, RandomDrop, ToMe, VirtualUnmerge, VisualExit, parse_reducer
 from vtc.state import TokenState
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DyMU", "EViT", "Handle", "HoloV", "M3", "MQT", "Pool", "RandomDrop", "ToMe", "TokenState", "VirtualUnmerge", "VisualExit",
+    "DyMU", "DyVTE", "EViT", "Handle", "HoloV", "M3", "MQT", "Pool", "RandomDrop", "ToMe", "TokenState", "VirtualUnmerge", "VisualExit",
     "answer", "apply", "parse_reducer",
     "__version__",
 ]

@@ -71,6 +71,13 @@ class Handle:
         a decoder-site reducer; vision-language models)."""
         return self._vlm_report("decoder_token_counts")
 
+    @property
+    def exit_layers(self) -> list[int] | None:
+        """Per prompt of the last prefill: the last LLM layer that saw its image tokens (a
+        decoder-site exit such as ``exit`` or ``dyvte``; the LLM's last layer where none left;
+        -1 for a prompt without an image). None without a decoder-site reducer."""
+        return self._vlm_report("exit_layers")
+
     def _vlm_report(self, name: str):
         if not hasattr(type(self.adapter), name):
             raise AttributeError(f"{name} is a report of a vision-language model; this {self.adapter.family} model "

@@ -255,6 +255,7 @@ class DecoderInfo:
     family: str
     num_layers: int
     hidden_size: int
+    source: str | None = None  # the model's checkpoint (hub id or folder) where the adapter can tell
 
 
 class DecoderReducer(Reducer):

@@ -2,6 +2,7 @@
 
 from vtc.reducers.drop import EViT, RandomDrop
 from vtc.reducers.dymu import DyMU, VirtualUnmerge
+from vtc.reducers.dyvte import DyVTE
 from vtc.reducers.exit import VisualExit
 from vtc.reducers.holov import HoloV
 from vtc.reducers.m3 import M3
@@ -23,7 +24,7 @@ from vtc.sites import (
 from vtc.spec import REDUCERS, parse_reducer, to_spec
 
 __all__ = [
-    "ConnectorInfo", "ConnectorReducer", "DecoderInfo", "DecoderReducer", "DyMU", "EViT", "EncoderInfo",
+    "ConnectorInfo", "ConnectorReducer", "DecoderInfo", "DecoderReducer", "DyMU", "DyVTE", "EViT", "EncoderInfo",
     "EncoderReducer", "HoloV", "M3", "MQT",
     "Pool", "REDUCERS", "RandomDrop", "Reducer", "Signal", "Signals", "Site", "ToMe", "VirtualUnmerge", "VisualExit",
     "parse_reducer", "to_spec",
