@@ -65,6 +65,38 @@ def vlm_scores(model: nn.Module, processor, batch: Sequence[shapes.Example], bat
     return Scores([e.qtype for e in batch], [e.answer for e in batch], predicted)
 
 
+@dataclass
+class ExitScores:
+    """Scores under a decoder-site exit, with what each example's prefill kept."""
+
+    scores: Scores
+    exit_layers: list[int]  # per example: the last LLM layer that saw its image tokens
+    kept: torch.Tensor  # (examples, L + 1): real tokens entering each LLM layer, then leaving the last
+
+    @property
+    def mean_exit_layer(self) -> float:
+        return sum(self.exit_layers) / max(1, len(self.exit_layers))
+
+
+def exit_scores(model: nn.Module, processor, batch: Sequence[shapes.Example], batch_size: int = 50) -> ExitScores:
+    """:func:`vlm_scores` of a LLaVA with a decoder-site reducer applied (``exit``, ``dyvte``), and
+    per example its exit layer and the tokens each LLM layer ran on in its prefill."""
+    from vtc.apply import active_handle
+
+    handle = active_handle(model)
+    if handle is None or handle.adapter.decoder is None:
+        raise ValueError("exit_scores needs a model with a decoder-site reducer applied (exit, dyvte)")
+    predicted, exits, kept = [], [], []
+    for start in range(0, len(batch), batch_size):
+        chunk = batch[start:start + batch_size]
+        predicted += answer(model, processor, [Image.fromarray(e.image) for e in chunk], [e.prompt for e in chunk],
+                            max_new_tokens=ANSWER_TOKENS)
+        exits += handle.exit_layers
+        kept.append(handle.adapter.decoder.kept_per_row.cpu())
+    scores = Scores([e.qtype for e in batch], [e.answer for e in batch], predicted)
+    return ExitScores(scores, exits, torch.cat(kept))
+
+
 @torch.inference_mode()
 def classifier_scores(model: nn.Module, batch: Sequence[shapes.Example], batch_size: int = 100) -> Scores:
     """Digit predictions of a shapes classifier (the classification view)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-CHECKPOINT_FILES = ("config.json", "model.safetensors")
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "dyvte.json")  # a model or routers (DyVTE)
 
 
 class OutputError(ValueError):
