@@ -229,7 +229,7 @@ def test_the_official_names_and_shapes_load_into_the_official_configuration():
     module = from_official(state)
     assert module.config == QueryTransformerConfig(1024, 4096, 256, 16)
     loaded = module.state_dict()
-    for key, shape in OFFICIAL_SHAPES.items():
+    for key in OFFICIAL_SHAPES:
         if key != "pos_embed":
             assert torch.equal(loaded[key], state[f"model.query_abstractor.{key}"]), key
     x = torch.randn(1, 576, 1024, generator=generator)  # CLIP-L/14-336: a 24x24 grid, keys resized from 16x16

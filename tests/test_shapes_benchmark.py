@@ -15,10 +15,12 @@ from vtc.cli import main
 from vtc.data import shapes
 from vtc.data.evaluate import Scores, classifier_scores, vlm_scores
 from vtc.data.training import pixels
+from vtc.measure_vlm import profile
 from vtc.models import zoo
 from vtc.shapes_benchmark import (
     BUDGETS,
     CONNECTOR_ONLY,
+    DECODER,
     MATRYOSHKA_BUDGETS,
     REDUCERS,
     SIGNIFICANCE,
@@ -26,6 +28,9 @@ from vtc.shapes_benchmark import (
     BenchmarkOptions,
     Row,
     budget_spec,
+    decoder_specs,
+    exit_costs,
+    format_exits,
     geometric_counts,
     oracle,
     plan_specs,
@@ -62,10 +67,11 @@ def test_geometric_counts():
     assert all(b >= a / 2 for a, b in zip([256, *counts], counts))  # within ToMe's 50% cap per layer
 
 
-TRAINING_FREE = [r for r in REDUCERS if r not in TRAINED]
+BUDGETED = [r for r in REDUCERS if r not in DECODER]
+TRAINING_FREE = [r for r in BUDGETED if r not in TRAINED]
 
 
-@pytest.mark.parametrize("reducer", REDUCERS)
+@pytest.mark.parametrize("reducer", BUDGETED)
 def test_every_budget_is_reached_exactly(reducer, shapes_vit, shapes_llava):
     """Every budget a reducer can reach gives exactly that many tokens (a trained method on its own
     checkpoint); the others are the ones :func:`plan_specs` skips with a reason."""
@@ -172,13 +178,19 @@ def test_quick_demo_runs_the_shapes_benchmark(tmp_path):
         specs, _ = plan_specs(reducers, MATRYOSHKA_BUDGETS, kind, 6)
         configs = [(reducer, str(budget)) for reducer, budget, _ in specs]
         trained = [config for config in configs if config[0] in TRAINED]  # run after the base's rows
+        inside = [("exit", "-1")] * 5 + [("dyvte", "-1")] if kind == "llava" else []
         assert [(r["reducer"], r["budget"]) for r in group] == [("none", "256")] + [
-            config for config in configs if config not in trained] + dymu + trained
+            config for config in configs if config not in trained] + inside + dymu + trained
         assert {r["checkpoint"] for r in group if r["reducer"] in TRAINED} == {"shapes-llava-m3", "shapes-llava-mqt"} or kind == "timm"
         for row in group:
             if row["reducer"].startswith("dymu"):  # per-image counts around the calibration's target
                 assert float(row["visual_tokens_std"]) > 0 and float(row["flops_ratio"]) < 1.0
                 continue
+            if row["reducer"] in DECODER:  # every visual token enters; the LLM drops them after a layer
+                assert float(row["visual_tokens"]) == 256 and 0 <= float(row["exit_layer"]) <= 5
+                assert float(row["flops_ratio"]) < 1.0 and float(row["kv_cache_ratio"]) < 1.0 or float(row["exit_layer"]) == 5
+                continue
+            assert row["exit_layer"] == row["kv_cache_ratio"] == ""
             assert float(row["visual_tokens"]) == int(row["budget"])
             assert 0 <= float(row["accuracy"]) <= 1 and float(row["gflops_per_image"]) > 0
             hits = round(float(row["accuracy"]) * int(row["examples"]))
@@ -226,3 +238,38 @@ def test_oracle_takes_the_cheapest_budget_answering_each_example():
     assert found.accuracy == 0.75
     assert found.mean_tokens == (16 + 256 + 1 + 256) / 4  # an example no budget answers counts at the largest
     assert oracle(rows, "m", "mqt") is None
+
+
+def test_decoder_rows_count_each_example_alone(shapes_llava):
+    """The exits' analytic prefill per example equals the profiler's analytic count of that example
+    run alone, and the KV ratio the cache the prefill leaves."""
+    specs, skipped = decoder_specs(shapes_llava, ["exit", "pool"])
+    assert [spec for _, _, spec in specs] == [f"exit:layer={k}" for k in range(5)] and not skipped
+    example = shapes.examples("test", 1)
+    inputs = _llava_inputs(shapes_llava, example)
+    model = shapes_llava.model
+    with vtc.apply(model, "exit:layer=2") as handle, torch.inference_mode():
+        report = profile(model, inputs, new_tokens=1, timed=False)
+        out = model.generate(**inputs, max_new_tokens=1, return_dict_in_generate=True)
+        kept = handle.adapter.decoder.kept_per_row
+    with vtc.apply(model) as handle, torch.inference_mode():
+        full_report = profile(model, inputs, new_tokens=1, timed=False)
+    prefill, unreduced, kv = exit_costs(model, kept)
+    assert prefill == report.prefill.predicted_flops and unreduced == full_report.prefill.predicted_flops
+    lengths = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    assert kv == sum(lengths) / (lengths[0] * len(lengths)) and lengths[3] < lengths[2]
+    assert report.prefill.flops == pytest.approx(report.prefill.predicted_flops, rel=0.02)  # counted vs analytic
+
+
+def test_format_exits_compares_dyvte_with_the_full_model_and_the_fixed_exits_around_it():
+    qtypes = ["x", "y"] * 20
+    full = _row("none", [True] * 40, qtypes)
+    fixed = [_row("exit", [k >= 4] * 40, qtypes) for k in range(5)]
+    for k, row in enumerate(fixed):
+        row.spec, row.exit_layer, row.kv_ratio = f"exit:layer={k}", float(k), 0.2 * (k + 1)
+    learned = _row("dyvte", [True] * 38 + [False] * 2, qtypes)
+    learned.spec, learned.exit_layer, learned.kv_ratio = "dyvte:routers=m", 3.5, 0.7
+    text = format_exits([full, *fixed, learned])
+    assert "exit:layer=3" in text and "3.50" in text
+    assert "vs none 1.000: p = 0.5; vs exit:layer=3 0.000: p = " in text and "vs exit:layer=4 1.000: p = 0.5" in text
+    assert format_exits([full]) == ""

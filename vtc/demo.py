@@ -345,8 +345,9 @@ def run_shapes(options: DemoOptions, echo: Callable[[str], None]) -> tuple[list,
     echo(bench.format_table(rows))
     for budget in [b for b in RANKED_BUDGETS if b in bench_options.budgets]:
         echo(bench.format_rankings(rows, budget))
-    if bench.format_oracles(rows):
-        echo("\n" + bench.format_oracles(rows))
+    for extra in (bench.format_exits(rows), bench.format_oracles(rows)):
+        if extra:
+            echo("\n" + extra)
     return rows, write_outputs(rows, options.out_dir, bench_options, "vtc demo")
 
 

@@ -19,6 +19,14 @@ its own way (:func:`budget_spec`):
 A budget a reducer cannot reach (ToMe below what halving per block allows, EViT at 1, M3 off its
 nested scales) is skipped and listed (:func:`plan_specs`).
 
+``exit`` and ``dyvte`` act inside the LLM and keep every visual token (budget column "-"): the
+fixed exit after each LLM layer but the last (``exit:layer=k``), and DyVTE with the routers
+shipped for the checkpoint (``dyvte:routers=<name>``, skipped with a note where there are none).
+Their rows add the mean exit layer (the last layer that saw the image) and the KV-cache ratio,
+and count FLOPs per example alone: the tower's counted FLOPs plus the analytic prefill of the
+real tokens each LLM layer ran on, against the same count without the exit (in a padded batch,
+a row that exits early still occupies the width of the widest row).
+
 DyMU has no fixed budget: its rows run the calibrations shipped with each checkpoint
 (``dymu:preset=low|mid|high``, budget column = the calibration's target average), and report
 tokens per image as mean ± std; on LLaVA once with virtual unmerging (``dymu``) and once
@@ -49,26 +57,30 @@ from tqdm import tqdm
 import vtc
 from vtc.budget import default_drop_layers
 from vtc.data import shapes
-from vtc.data.evaluate import Scores, classifier_scores, vlm_scores
+from vtc.data.evaluate import ExitScores, Scores, classifier_scores, exit_scores, vlm_scores
 from vtc.data.training import pixels
 from vtc.dymu import load_calibration
 from vtc.measure import compare, patch_tokens
-from vtc.measure_vlm import profile, time_stages
+from vtc.measure_vlm import llm_flops, profile, time_stages
 from vtc.models import zoo
 from vtc.records import environment, write_records
+from vtc.reducers.dyvte import CONFIG_FILE as ROUTERS_FILE
+from vtc.reducers.dyvte import SHIPPED_FOLDER as ROUTERS_FOLDER
 from vtc.reducers.m3 import check_scale
 from vtc.stats import Spread, mcnemar_exact, speedup_spread, wilson
 
 BUDGETS = (256, 128, 64, 32, 16, 4, 1)
 MATRYOSHKA_BUDGETS = (256, 64, 16, 4, 1)  # the nested scales of the 16x16 grid (M3 / MQT comparisons)
-REDUCERS = ("tome", "evit", "random", "pool", "holov", "m3", "mqt")
-CONNECTOR_ONLY = ("holov", "m3", "mqt")  # run on the VLM only (a classifier has no connector)
+REDUCERS = ("tome", "evit", "random", "pool", "holov", "m3", "mqt", "exit", "dyvte")
+DECODER = ("exit", "dyvte")  # inside the LLM: no token budget, one row per exit layer / the routers
+CONNECTOR_ONLY = ("holov", "m3", "mqt", *DECODER)  # run on the VLM only (a classifier has no connector or LLM)
 TRAINED = {"m3": "-m3", "mqt": "-mqt"}  # method -> suffix of its checkpoint's name (shapes-llava -> shapes-llava-m3)
 DYMU_PRESETS = ("low", "mid", "high")
 CSV_COLUMNS = ("model", "checkpoint", "reducer", "budget", "spec", "visual_tokens", "visual_tokens_std", "examples", "accuracy",
                "accuracy_low", "accuracy_high",
                *(f"acc_{q}{end}" for q in shapes.QUESTION_TYPES for end in ("", "_low", "_high")),
-               "agreement", "gflops_per_image", "flops_ratio", "latency_ms", "speedup", "speedup_q1", "speedup_q3")
+               "agreement", "gflops_per_image", "flops_ratio", "latency_ms", "speedup", "speedup_q1", "speedup_q3",
+               "exit_layer", "kv_cache_ratio")
 SIGNIFICANCE = 0.05  # paired test level at which ranking() calls one reducer better than another
 
 
@@ -87,6 +99,8 @@ class Row:
     latency_ms: float  # per batch of the timing inputs (median)
     speedup: Spread  # of the per-repeat ratios to the unreduced model
     checkpoint: str = ""  # the checkpoint run, when not ``model`` (a trained method's own)
+    exit_layer: float = math.nan  # decoder-site rows: mean last LLM layer that saw the image
+    kv_ratio: float = math.nan  # decoder-site rows: prefill KV-cache entries over the unreduced model's
 
     def record(self) -> dict[str, str]:
         by_type = self.scores.by_type()
@@ -107,6 +121,8 @@ class Row:
             "flops_ratio": f"{self.flops_ratio:.4f}", "latency_ms": f"{self.latency_ms:.2f}",
             "speedup": f"{self.speedup.median:.3f}", "speedup_q1": f"{self.speedup.q1:.3f}",
             "speedup_q3": f"{self.speedup.q3:.3f}",
+            "exit_layer": "" if math.isnan(self.exit_layer) else f"{self.exit_layer:.3f}",
+            "kv_cache_ratio": "" if math.isnan(self.kv_ratio) else f"{self.kv_ratio:.4f}",
         }
 
 
@@ -138,6 +154,9 @@ def budget_spec(reducer: str, budget: int, kind: str, patches: int = 256, layers
     ``kind`` ("timm" or "llava") model with ``layers`` encoder blocks (see the module docstring)."""
     if reducer not in REDUCERS:
         raise ValueError(f"unknown reducer {reducer!r} for the shapes benchmark; choose from {', '.join(REDUCERS)}")
+    if reducer in DECODER:
+        raise ValueError(f"{reducer} acts inside the LLM and keeps every visual token: it has no token budget "
+                         f"(its rows come from decoder_specs)")
     if not 1 <= budget <= patches:
         raise ValueError(f"budget {budget} is not between 1 and the {patches} visual tokens of an image")
     if reducer == "tome":
@@ -174,6 +193,38 @@ def dymu_specs(ckpt, presets: Sequence[str]) -> list[tuple[str, int, str]]:
         if ckpt.kind == "llava":
             specs.append(("dymu-novtu", target, f"dymu:preset={preset},vtu=off"))
     return specs
+
+
+def decoder_specs(ckpt, reducers: Sequence[str]) -> tuple[list[tuple[str, int, str]], list[str]]:
+    """(reducer, -1, spec) of the decoder-site reducers among ``reducers`` on a LLaVA checkpoint:
+    ``exit`` after every LLM layer but the last, ``dyvte`` with the routers shipped for it; and a
+    note where it ships none."""
+    specs, skipped = [], []
+    if ckpt.kind != "llava":
+        return specs, skipped
+    layers = ckpt.model.config.text_config.num_hidden_layers
+    if "exit" in reducers:
+        specs += [("exit", -1, f"exit:layer={k}") for k in range(layers - 1)]
+    if "dyvte" in reducers:
+        if (ckpt.path / ROUTERS_FOLDER / ROUTERS_FILE).is_file():  # a folder's own routers: "dyvte" finds them
+            specs.append(("dyvte", -1, f"dyvte:routers={ckpt.name}" if ckpt.name in zoo.names() else "dyvte"))
+        else:
+            skipped.append(f"dyvte (no routers trained for {ckpt.name}: scripts/train_dyvte.py)")
+    return specs, skipped
+
+
+def exit_costs(model, kept: torch.Tensor) -> tuple[float, float, float]:
+    """From the real tokens each LLM layer ran on per example (``kept``, (N, L + 1)): the mean
+    analytic prefill FLOPs per example (layers and the head on the last token), the same without
+    the exit (every layer on the full prompt), and the ratio of prefill KV-cache entries."""
+    language_model = model.model.language_model
+    layers = len(language_model.layers)
+    head = 2 * language_model.config.hidden_size * model.lm_head.out_features
+    ran = kept[:, :layers].tolist()
+    reduced = [llm_flops(language_model, row, row, 1) + head for row in ran]
+    full = [llm_flops(language_model, [row[0]] * layers, [row[0]] * layers, 1) + head for row in ran]
+    kv = float(kept[:, :layers].sum()) / float(kept[:, 0].sum() * layers)
+    return statistics.fmean(reduced), statistics.fmean(full), kv
 
 
 def _depth(ckpt) -> int:
@@ -225,29 +276,36 @@ def _vlm_rows(ckpt, examples, specs: list[tuple[str, int, str]], options: Benchm
                        padding=True, return_tensors="pt").to(model.device)
     processor.tokenizer.padding_side = saved_side
     configs = [("none", 256, None)] + specs
-    measured = []
-    for _reducer, _budget, spec in configs:
+    measured: list[tuple[Scores, object, ExitScores | None]] = []
+    for reducer, _budget, spec in configs:
         with vtc.apply(model, *([spec] if spec else [])):
-            scores = vlm_scores(model, processor, examples, options.batch_size)
+            exits = exit_scores(model, processor, examples, options.batch_size) if reducer in DECODER else None
+            scores = exits.scores if exits else vlm_scores(model, processor, examples, options.batch_size)
             report = profile(model, inputs, new_tokens=2, timed=False)
-        measured.append((scores, report))
+        measured.append((scores, report, exits))
         step()
     seconds = time_stages(model, [[spec] if spec else [] for _, _, spec in configs], inputs, new_tokens=2,
                           warmup=1, repeats=options.repeats)
-    full_scores, full_report = measured[0]
+    full_scores, full_report, _ = measured[0]
     batch = len(timing)
     full_flops = (full_report.vision.flops + full_report.prefill.flops) / batch
     full_samples = seconds[0]["vision_prefill_samples"]
     if base is not None:
         full_scores, full_flops = base.scores, base.gflops * 1e9
     rows = []
-    for (reducer, budget, spec), (scores, report), stage in zip(configs, measured, seconds):
+    for (reducer, budget, spec), (scores, report, exits), stage in zip(configs, measured, seconds):
         flops = (report.vision.flops + report.prefill.flops) / batch
+        ratio, exit_layer, kv = flops / full_flops, math.nan, math.nan
+        if exits is not None:  # each example's own prefill, against the same count without the exit
+            prefill, unreduced, kv = exit_costs(model, exits.kept)
+            flops = report.vision.flops / batch + prefill
+            ratio, exit_layer = flops / (report.vision.flops / batch + unreduced), exits.mean_exit_layer
         latency = stage["vision"] + stage["prefill"]
         mean, std = _stats(report.visual_tokens)
         rows.append(Row(base.model if base else ckpt.name, reducer, budget, spec or "none", mean, std, scores,
-                        scores.agreement(full_scores), flops / 1e9, flops / full_flops, latency * 1e3,
-                        speedup_spread(full_samples, stage["vision_prefill_samples"]), checkpoint=ckpt.name))
+                        scores.agreement(full_scores), flops / 1e9, ratio, latency * 1e3,
+                        speedup_spread(full_samples, stage["vision_prefill_samples"]), checkpoint=ckpt.name,
+                        exit_layer=exit_layer, kv_ratio=kv))
     return rows[1:] if base is not None else rows
 
 
@@ -255,7 +313,7 @@ def plan_specs(reducers: Sequence[str], budgets: Sequence[int], kind: str, layer
     """(reducer, budget, spec) of every reducer at every budget it can reach, and a note for each
     budget it cannot (:func:`budget_spec`'s reason)."""
     specs, skipped = [], []
-    for reducer in reducers:
+    for reducer in (r for r in reducers if r not in DECODER):
         for budget in budgets:
             try:
                 specs.append((reducer, budget, budget_spec(reducer, budget, kind, layers=layers)))
@@ -283,8 +341,8 @@ def run(options: BenchmarkOptions) -> list[Row]:
         ckpt.model.to(options.dtype)
         runnable = [r for r in options.reducers if kind == "llava" or r not in CONNECTOR_ONLY]
         if options.reducers and not runnable:
-            raise ValueError(f"{', '.join(options.reducers)} act only at a LLaVA connector and {ckpt.name} is a ViT "
-                             f"classifier without one: add shapes-llava to the models, or choose from "
+            raise ValueError(f"{', '.join(options.reducers)} act only in a LLaVA (its connector or LLM) and "
+                             f"{ckpt.name} is a ViT classifier: add shapes-llava to the models, or choose from "
                              f"{', '.join(r for r in REDUCERS if r not in CONNECTOR_ONLY)}")
         specs, cannot = plan_specs(runnable, options.budgets, kind, _depth(ckpt))
         skipped += [f"{ckpt.name}: {note}" for note in cannot]
@@ -297,6 +355,9 @@ def run(options: BenchmarkOptions) -> list[Row]:
                 skipped.append(f"{ckpt.name}: {reducer} (no checkpoint trained for it: {error})")
         trained.append(methods)
         specs = [spec for spec in specs if spec[0] not in TRAINED]
+        inside, cannot = decoder_specs(ckpt, runnable)
+        skipped += [f"{ckpt.name}: {note}" for note in cannot]
+        specs += inside
         specs += dymu_specs(ckpt, options.dymu_presets)
         specs += [(vtc.parse_reducer(s).name, -1, s) for s in options.extra_specs]
         plans.append(specs)
@@ -384,6 +445,36 @@ def format_rankings(rows: Sequence[Row], budget: int) -> str:
         lines.append(f"\n{model} at {budget} visual tokens ('>': paired exact test p < {SIGNIFICANCE}, '~': not separated)")
         for qtype in [None, *qtypes] if len(qtypes) > 1 else [None]:
             lines.append(f"  {qtype or 'overall':<9} {ranking(rows, model, budget, qtype)}")
+    return "\n".join(lines)
+
+
+def format_exits(rows: Sequence[Row]) -> str:
+    """The decoder-site rows of each model beside its unreduced row: mean exit layer, accuracy per
+    type with 95% intervals, FLOPs and KV-cache ratios, speedup; then DyVTE against the full model
+    and the fixed exits around its mean layer (exact paired test on the same examples)."""
+    lines = []
+    for model in dict.fromkeys(r.model for r in rows if r.reducer in DECODER):
+        full = next(r for r in rows if r.model == model and r.reducer == "none")
+        group = [full, *(r for r in rows if r.model == model and r.reducer in DECODER)]
+        qtypes = list(full.scores.by_type())
+        lines.append(f"\n{model}: exits inside the LLM ({len(full.scores.truth)} examples; exit layer = the last "
+                     f"layer that saw the image, mean; FLOPs and KV cache per example, prefill included)")
+        lines.append(f"{'spec':<28} {'exit':>5} {'accuracy':>18} " + " ".join(f"{q[:8]:>18}" for q in qtypes)
+                     + f" {'agree':>6} {'FLOPs':>6} {'KV':>6} {'speedup':>20}")
+        for r in group:
+            by_type = r.scores.by_type()
+            exit_layer = "-" if math.isnan(r.exit_layer) else f"{r.exit_layer:.2f}"
+            kv = "1" if math.isnan(r.kv_ratio) else f"{r.kv_ratio:.3f}"
+            lines.append(f"{r.spec:<28} {exit_layer:>5} {_with_interval(r.scores.accuracy, r.scores.interval()):>18} "
+                         + " ".join(f"{_with_interval(by_type[q], r.scores.interval(q)):>18}" for q in qtypes)
+                         + f" {r.agreement:>6.3f} {r.flops_ratio:>6.3f} {kv:>6} {r.speedup.format():>20}")
+        fixed = {round(r.exit_layer): r for r in group if r.reducer == "exit"}
+        for learned in (r for r in group if r.reducer == "dyvte"):
+            around = [fixed[k] for k in sorted({math.floor(learned.exit_layer), math.ceil(learned.exit_layer)}) if k in fixed]
+            tests = [f"vs {other.spec} {other.scores.accuracy:.3f}: p = "
+                     f"{mcnemar_exact(learned.scores.correct, other.scores.correct):.3g}" for other in [full, *around]]
+            lines.append(f"{learned.spec} (mean exit {learned.exit_layer:.2f}, accuracy {learned.scores.accuracy:.3f}) "
+                         + "; ".join(tests))
     return "\n".join(lines)
 
 

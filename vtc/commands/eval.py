@@ -17,7 +17,16 @@ from vtc.commands.models import FORMS, ModelSpecError, load_model
 from vtc.data import shapes
 from vtc.data.evaluate import classifier_scores, vlm_scores
 from vtc.models import zoo
-from vtc.shapes_benchmark import BUDGETS, DYMU_PRESETS, REDUCERS, BenchmarkOptions, format_oracles, format_table, run
+from vtc.shapes_benchmark import (
+    BUDGETS,
+    DYMU_PRESETS,
+    REDUCERS,
+    BenchmarkOptions,
+    format_exits,
+    format_oracles,
+    format_table,
+    run,
+)
 from vtc.shapes_plots import write_outputs
 
 DESCRIPTION = """\
@@ -105,8 +114,9 @@ def _add_shapes_options(group: argparse._ArgumentGroup) -> None:
                        help=f"shipped checkpoints ({', '.join(zoo.names())}; default both) or folders written by "
                             "the shapes training scripts, e.g. --models outputs/shapes-llava-r5")
     group.add_argument("--reducers", nargs="*", choices=REDUCERS, metavar="NAME",
-                       help=f"reducers run at every budget: {', '.join(REDUCERS)} (default: all; holov acts only at "
-                            f"the LLaVA connector; none: only --spec and DyMU), e.g. --reducers tome pool")
+                       help=f"reducers run at every budget: {', '.join(REDUCERS)} (default: all; holov, m3 and mqt act "
+                            f"only at the LLaVA connector; exit and dyvte inside its LLM, after every layer / with "
+                            f"the shipped routers, not at a budget; none: only --spec and DyMU), e.g. --reducers tome pool")
     group.add_argument("--budgets", nargs="+", type=positive_int, metavar="N",
                        help=f"visual tokens per image of 256 (default {' '.join(map(str, BUDGETS))}), e.g. --budgets 64 16")
     group.add_argument("--dymu-presets", nargs="*", choices=DYMU_PRESETS, metavar="P",
@@ -196,8 +206,9 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except (ValueError, FileNotFoundError) as error:
         parser.error(str(error))
     print(format_table(rows))
-    if format_oracles(rows):
-        print("\n" + format_oracles(rows))
+    for extra in (format_exits(rows), format_oracles(rows)):
+        if extra:
+            print("\n" + extra)
     print("\n" + "\n".join(f"wrote {path}" for path in write_outputs(rows, out, options, "vtc eval")))
     return 0
 
