@@ -1,18 +1,24 @@
-"""Short runs of the M3 and MQT trainers on the shipped shapes-llava: the multi-scale loss, MQT's
-falling loss and prefix draws, resumption, the checkpoint they write."""
+"""Short runs of the M3, MQT and DyVTE trainers on the shipped shapes-llava: the multi-scale loss,
+MQT's falling loss and prefix draws, DyVTE's features and labels, resumption, what they write."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import replace
 
+import llava_models
 import pytest
+import tolerance
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import vtc
+from vtc.data import shapes
 from vtc.models import zoo
+from vtc.reducers.dyvte import DyVTE, RouterConfig, Routers
 from vtc.reducers.m3 import M3
+from vtc.train.dyvte import DyVTERecipe, DyVTETrainer
 from vtc.train.loop import read_log
 from vtc.train.m3 import M3Recipe, M3Trainer, parse_scales
 from vtc.train.mqt import MQTRecipe, MQTTrainer
@@ -118,3 +124,81 @@ def test_two_processes_under_accelerate_launch_share_each_batch(tmp_path):
     record = json.loads((out / "training.json").read_text())
     assert record["minutes"] > 0 and (out / "mqt" / "query-transformer.safetensors").is_file()
     assert (out / "card.json").is_file()
+
+
+class _Recording(Routers):
+    """Routers that never exit and keep the features each layer's router saw."""
+
+    def __init__(self, config: RouterConfig) -> None:
+        super().__init__(config)
+        self.seen: dict[int, torch.Tensor] = {}
+
+    def forward(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        self.seen[layer] = features.detach().clone()
+        return torch.stack([torch.ones(len(features)), torch.zeros(len(features))], dim=1)
+
+
+def test_dyvte_trains_on_the_features_the_routers_see_at_inference(tmp_path):
+    """The features of a right-padded teacher-forced batch (answers masked) equal those a router
+    reads in a left-padded prefill of the prompts alone; labels follow the exit rule per layer."""
+    trainer = DyVTETrainer(DyVTERecipe(steps=1, batch=3), tmp_path / "run", QUICK)
+    inputs, pixel_values = trainer.batch(0)
+    features, exits, decidable = trainer.exit_targets(inputs, pixel_values)
+    layers = trainer.model.config.text_config.num_hidden_layers
+    assert features.shape == (layers - 1, 3, 2 * trainer.model.config.text_config.hidden_size)
+    assert exits.dtype == torch.bool and bool(decidable.all())
+    recording = _Recording(trainer.routers.config)
+    examples = [shapes.example("train", trainer.recipe.image_offset + i) for i in range(3)]
+    processor = trainer.processor
+    processor.tokenizer.padding_side = "left"
+    prompts = processor(images=[Image.fromarray(e.image) for e in examples], text=[e.prompt for e in examples],
+                        padding=True, return_tensors="pt")
+    with vtc.apply(trainer.model, DyVTE(module=recording)), torch.no_grad():
+        trainer.model(**prompts)
+    terms = llava_models.llava_terms(trainer.model, prompts["input_ids"].shape[1])
+    for k in range(layers - 1):
+        tolerance.assert_close(recording.seen[k], features[k], terms=terms)
+    assert not any(p.requires_grad for p in trainer.model.parameters())  # the LLaVA stays frozen
+
+
+def test_dyvte_run_learns_resumes_and_writes_routers_for_its_model(tmp_path):
+    recipe = DyVTERecipe(steps=4, batch=4, warmup=1, lr=3e-3)
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert DyVTETrainer(recipe, whole, QUICK).run()
+    stopped = replace(QUICK, max_minutes=1e-9)
+    assert not DyVTETrainer(recipe, split, stopped).run()
+    while not DyVTETrainer(recipe, split, stopped).run(resume=True):
+        pass
+    assert read_log(whole / LOG) == read_log(split / LOG)
+    steps = [r for r in read_log(whole / LOG) if "loss" in r]
+    assert all(0 <= r["exit_rate"] <= 1 and 0 <= r["router_accuracy"] <= 1 for r in steps)
+    weights = [load_file(str(folder / "routers.safetensors")) for folder in (whole, split)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    config = json.loads((whole / "dyvte.json").read_text())
+    assert config["model"] == "shapes-llava" and config["width"] == 256
+    card = json.loads((whole / "card.json").read_text())
+    assert card["spec"] == "dyvte:routers=shapes-llava" and sum(card["exit_layers"].values()) == card["test_examples"]
+    assert json.loads((whole / "training.json").read_text())["base"] == "shapes-llava"
+    base = zoo.load("shapes-llava")
+    with vtc.apply(base.model, f"dyvte:routers={whole}") as handle, torch.no_grad():
+        base.model(**base.processor(images=[Image.fromarray(shapes.example("test", 0).image)],
+                                    text=[shapes.example("test", 0).prompt], return_tensors="pt"))
+        assert len(handle.exit_layers) == 1
+    with pytest.raises(ValueError, match="trained for 'shapes-llava', not for this model"):
+        vtc.apply(zoo.load("shapes-llava-m3").model, f"dyvte:routers={whole}")
+
+
+def test_dyvte_router_loss_falls_on_fixed_labels(tmp_path):
+    """The routers fit the labels of a fixed batch (the training signal is learnable)."""
+    trainer = DyVTETrainer(DyVTERecipe(steps=1, batch=8), tmp_path / "run", QUICK)
+    features, exits, _ = trainer.exit_targets(*trainer.batch(0))
+    optimizer = torch.optim.AdamW(trainer.routers.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        logits = torch.stack([trainer.routers(k, features[k]) for k in range(len(features))])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), exits.flatten().long())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
