@@ -7,6 +7,7 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINTS = ROOT / "models" / "checkpoints"
 
 
 def test_wheel_contains_and_imports_subpackages(tmp_path):
@@ -20,9 +21,10 @@ def test_wheel_contains_and_imports_subpackages(tmp_path):
         assert {"vtc/__init__.py", "vtc/models/__init__.py", "vtc/kernels/__init__.py", "vtc/reducers/tome.py",
                 "vtc/train/trainer.py", "vtc/grid.py", "vtc/stats.py"} <= names
         assert not any(name.startswith(("models/", "kernels/")) for name in names), "nothing generic at top level"
-        for model in ("shapes-vit", "shapes-llava"):  # shipped DyMU calibrations travel with the checkpoints
-            assert {f"vtc/models/checkpoints/{model}/dymu-{p}/{f}" for p in ("low", "mid", "high")
-                    for f in ("dymu.json", "thresholds.safetensors")} <= names
+        shipped = {f"vtc/models/checkpoints/{path.relative_to(CHECKPOINTS).as_posix()}"
+                   for path in CHECKPOINTS.rglob("*") if path.is_file()}
+        assert shipped - names == set(), "every shipped file (calibrations, mqt/, dyvte/ included) is in the wheel"
+        assert {f"vtc/models/checkpoints/shapes-llava/dymu-{p}/dymu.json" for p in ("low", "mid", "high")} <= shipped
         archive.extractall(tmp_path / "site")
     site = tmp_path / "site"
     probe = (
