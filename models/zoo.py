@@ -33,17 +33,21 @@ ZOO = {
                         "printed digit of vtc.data.shapes images",
                         "python scripts/train_shapes_vit.py --out models/checkpoints/shapes-vit --overwrite"),
     "shapes-llava": Entry("llava", "LLaVA-1.5-style VLM (CLIP 6 x 96 tower, 256 visual tokens, Llama 6 x 128 "
-                          "decoder) answering vtc.data.shapes questions",
+                          "decoder) answering vtc.data.shapes questions; DyVTE routers for it in dyvte/",
                           "python scripts/train_shapes_llava.py --out outputs/shapes-llava-r3 --threads 2, then the runs "
                           "r5, r6 and r7, each with --init from the one before (their commands: BENCHMARKS.md, training "
-                          "runs; the shipped training.json lists them as lineage), and copy r7's folder here"),
+                          "runs; the shipped training.json lists them as lineage), and copy r7's folder here; its "
+                          "dyvte/: python scripts/train_dyvte.py --out outputs/shapes-llava-dyvte --eval-every 100 "
+                          "--eval-examples 100 --max-minutes 55 --threads 1, copied without train-state/"),
     "shapes-llava-m3": Entry("llava", "shapes-llava fine-tuned with M3's nested scales (apply m3:tokens=256|64|16|4|1)",
                              "python scripts/train_m3.py --out outputs/shapes-llava-m3 --steps 800 --eval-every 200 "
                              "--eval-examples 100 --max-minutes 90 --threads 1, then copy its folder here (without "
                              "train-state/)"),
     "shapes-llava-mqt": Entry("llava", "shapes-llava with MQT's query transformer in place of its projector (apply "
                               "mqt:tokens=m, 1 <= m <= 256; the transformer is in its mqt/ folder)",
-                              "python scripts/train_mqt.py --out models/checkpoints/shapes-llava-mqt (options: BENCHMARKS.md)"),
+                              "python scripts/train_mqt.py --out outputs/shapes-llava-mqt --eval-every 400 "
+                              "--eval-examples 100 --max-minutes 85 --threads 1 (resumed with --resume until it "
+                              "finished), then copy its folder here (without train-state/)"),
 }
 
 

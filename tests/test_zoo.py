@@ -10,7 +10,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 import vtc
 from vtc.data import shapes
-from vtc.data.evaluate import classifier_scores, vlm_scores
+from vtc.data.evaluate import classifier_scores, exit_scores, vlm_scores
 from vtc.models import zoo
 
 
@@ -95,3 +95,17 @@ def test_a_trained_methods_checkpoint_reaches_its_card_with_its_reducer(name):
     with vtc.apply(ckpt.model, ckpt.card["spec"]):
         scores = vlm_scores(ckpt.model, ckpt.processor, shapes.examples("test", zoo.SUBSET), batch_size=100)
     _same_as_card(scores, ckpt.card)
+
+
+def test_shipped_dyvte_routers_reach_their_card(shapes_llava):
+    """The routers shipped in shapes-llava's dyvte/ are found by the checkpoint's name, record the
+    model they belong to, and reproduce their card's subset example by example."""
+    folder = zoo.CHECKPOINTS / "shapes-llava" / "dyvte"
+    card = json.loads((folder / "card.json").read_text())
+    training = json.loads((folder / "training.json").read_text())
+    assert card["spec"] == "dyvte:routers=shapes-llava" and card["model"] == training["base"] == "shapes-llava"
+    assert json.loads((folder / "dyvte.json").read_text())["model"] == "shapes-llava"
+    assert sum(card["exit_layers"].values()) == card["test_examples"] and training["minutes"] > 0
+    with vtc.apply(shapes_llava.model, card["spec"]):
+        result = exit_scores(shapes_llava.model, shapes_llava.processor, shapes.examples("test", zoo.SUBSET), batch_size=100)
+    _same_as_card(result.scores, card)
