@@ -21,6 +21,7 @@ from vtc.shapes_benchmark import (
     BUDGETS,
     CONNECTOR_ONLY,
     DECODER,
+    DYVTE_THRESHOLDS,
     MATRYOSHKA_BUDGETS,
     REDUCERS,
     SIGNIFICANCE,
@@ -178,7 +179,7 @@ def test_quick_demo_runs_the_shapes_benchmark(tmp_path):
         specs, _ = plan_specs(reducers, MATRYOSHKA_BUDGETS, kind, 6)
         configs = [(reducer, str(budget)) for reducer, budget, _ in specs]
         trained = [config for config in configs if config[0] in TRAINED]  # run after the base's rows
-        inside = [("exit", "-1")] * 5 + [("dyvte", "-1")] if kind == "llava" else []
+        inside = [("exit", "-1")] * 5 + [("dyvte", "-1")] * len(DYVTE_THRESHOLDS) if kind == "llava" else []
         assert [(r["reducer"], r["budget"]) for r in group] == [("none", "256")] + [
             config for config in configs if config not in trained] + inside + dymu + trained
         assert {r["checkpoint"] for r in group if r["reducer"] in TRAINED} == {"shapes-llava-m3", "shapes-llava-mqt"} or kind == "timm"

@@ -21,7 +21,8 @@ nested scales) is skipped and listed (:func:`plan_specs`).
 
 ``exit`` and ``dyvte`` act inside the LLM and keep every visual token (budget column "-"): the
 fixed exit after each LLM layer but the last (``exit:layer=k``), and DyVTE with the routers
-shipped for the checkpoint (``dyvte:routers=<name>``, skipped with a note where there are none).
+shipped for the checkpoint (``dyvte:routers=<name>``, with the argmax decision and at
+:data:`DYVTE_THRESHOLDS`; skipped with a note where there are none).
 Their rows add the mean exit layer (the last layer that saw the image) and the KV-cache ratio,
 and count FLOPs per example alone: the tower's counted FLOPs plus the analytic prefill of the
 real tokens each LLM layer ran on, against the same count without the exit (in a padded batch,
@@ -76,6 +77,7 @@ DECODER = ("exit", "dyvte")  # inside the LLM: no token budget, one row per exit
 CONNECTOR_ONLY = ("holov", "m3", "mqt", *DECODER)  # run on the VLM only (a classifier has no connector or LLM)
 TRAINED = {"m3": "-m3", "mqt": "-mqt"}  # method -> suffix of its checkpoint's name (shapes-llava -> shapes-llava-m3)
 DYMU_PRESETS = ("low", "mid", "high")
+DYVTE_THRESHOLDS = (None, 0.9)  # DyVTE rows: the paper's argmax, and exiting only where p_exit > 0.9
 CSV_COLUMNS = ("model", "checkpoint", "reducer", "budget", "spec", "visual_tokens", "visual_tokens_std", "examples", "accuracy",
                "accuracy_low", "accuracy_high",
                *(f"acc_{q}{end}" for q in shapes.QUESTION_TYPES for end in ("", "_low", "_high")),
@@ -207,7 +209,10 @@ def decoder_specs(ckpt, reducers: Sequence[str]) -> tuple[list[tuple[str, int, s
         specs += [("exit", -1, f"exit:layer={k}") for k in range(layers - 1)]
     if "dyvte" in reducers:
         if (ckpt.path / ROUTERS_FOLDER / ROUTERS_FILE).is_file():  # a folder's own routers: "dyvte" finds them
-            specs.append(("dyvte", -1, f"dyvte:routers={ckpt.name}" if ckpt.name in zoo.names() else "dyvte"))
+            options = [f"routers={ckpt.name}"] if ckpt.name in zoo.names() else []
+            for threshold in DYVTE_THRESHOLDS:
+                spec = ",".join(options + ([f"threshold={threshold}"] if threshold else []))
+                specs.append(("dyvte", -1, f"dyvte:{spec}" if spec else "dyvte"))
         else:
             skipped.append(f"dyvte (no routers trained for {ckpt.name}: scripts/train_dyvte.py)")
     return specs, skipped
