@@ -44,7 +44,7 @@ def test_demo_sizes_are_exclusive(tmp_path, capsys):
 
 def test_eval_refuses_connector_reducers_on_a_classifier(tmp_path, capsys):
     err = _fails(["eval", "--models", "shapes-vit", "--reducers", "holov", "--dymu-presets", "--out", str(tmp_path / "o")], capsys)
-    assert "holov act only at a LLaVA connector" in err and "tome, evit, random, pool" in err
+    assert "holov act only in a LLaVA (its connector or LLM)" in err and "tome, evit, random, pool" in err
 
 
 def test_eval_writes_shapes_csv(tmp_path):
