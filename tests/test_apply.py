@@ -269,7 +269,7 @@ def test_failed_apply_leaves_the_model_untouched(timm_vit, tools):
 
 def test_unknown_reducer_or_option_through_apply(timm_vit):
     model = timm_vit("plain")
-    with pytest.raises(ValueError, match="unknown reducer 'merge' in 'merge:r=2'; known reducers: dymu, evit, exit, holov, m3, mqt, pool, random, tome, vtu"):
+    with pytest.raises(ValueError, match="unknown reducer 'merge' in 'merge:r=2'; known reducers: dymu, dyvte, evit, exit, holov, m3, mqt, pool, random, tome, vtu"):
         vtc.apply(model, "merge:r=2")
     with pytest.raises(ValueError, match=r"evit: bad option 'ratio=0.5' in 'evit:ratio=0.5'; options are fuse, keep, layers, tokens"):
         vtc.apply(model, "evit:ratio=0.5")

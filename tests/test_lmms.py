@@ -51,7 +51,7 @@ LLAVA = {"pretrained": "shapes-llava"}
                                                         "separate specs by a single '|'"),
     ({**LLAVA, "reducers": "pool:tokens=64|"}, "has an empty reducer spec"),
     ({**LLAVA, "reducers": "nosuch:k=1"}, "bad reducer spec 'nosuch:k=1' in reducers='nosuch:k=1': unknown reducer 'nosuch' "
-                                          "in 'nosuch:k=1'; known reducers: dymu, evit, exit, holov, m3, mqt, pool, random, tome, vtu"),
+                                          "in 'nosuch:k=1'; known reducers: dymu, dyvte, evit, exit, holov, m3, mqt, pool, random, tome, vtu"),
     ({**LLAVA, "reducers": "pool:tokens=abc"}, "bad reducer spec 'pool:tokens=abc' in reducers='pool:tokens=abc': pool: "
                                                "tokens must be an integer or none, got 'abc'"),
     ({**LLAVA, "reducers": True}, "reducers=True: give reducer spec strings separated by '|'"),

@@ -14,7 +14,7 @@ from vtc.sites import EncoderReducer
 
 
 def test_registry_names():
-    assert sorted(REDUCERS) == ["dymu", "evit", "exit", "holov", "m3", "mqt", "pool", "random", "tome", "vtu"]
+    assert sorted(REDUCERS) == ["dymu", "dyvte", "evit", "exit", "holov", "m3", "mqt", "pool", "random", "tome", "vtu"]
 
 
 @pytest.mark.parametrize(
@@ -83,7 +83,7 @@ def test_describe_lists_only_non_defaults():
 
 
 def test_unknown_reducer():
-    with pytest.raises(ValueError, match=r"unknown reducer 'fancy' in 'fancy:r=1'; known reducers: dymu, evit, exit, holov, m3, mqt, pool, random, tome, vtu"):
+    with pytest.raises(ValueError, match=r"unknown reducer 'fancy' in 'fancy:r=1'; known reducers: dymu, dyvte, evit, exit, holov, m3, mqt, pool, random, tome, vtu"):
         parse_reducer("fancy:r=1")
 
 
