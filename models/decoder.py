@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from vtc.models.patching import InstancePatcher
+from vtc.models.zoo import CHECKPOINTS
 from vtc.sites import DecoderInfo, DecoderReducer
 
 _ATTENTION = ("sdpa", "eager")  # implementations that take a 4-D mask
@@ -109,7 +110,7 @@ class DecoderSite:
         self.model = language_model
         self.reducer = reducer
         self.patcher = patcher
-        self.info = DecoderInfo(type(language_model).__name__, len(layers), int(config.hidden_size), source)
+        self.info = DecoderInfo(type(language_model).__name__, len(layers), int(config.hidden_size), source, CHECKPOINTS)
         self.select_layers = frozenset(reducer.layers(self.info))
         self.mode = reducer.removal()
         self.token_counts: list[int] = []

@@ -245,9 +245,9 @@ def test_bad_input_is_refused(llava, tmp_path):
     other = Routers(RouterConfig(text.num_hidden_layers, text.hidden_size, 8, "/somewhere/another-llava"))
     with pytest.raises(ValueError, match="trained for '/somewhere/another-llava', not for this model"):
         vtc.apply(model, DyVTE(module=other))
-    with pytest.raises(FileNotFoundError, match="neither a folder holding dyvte.json nor a zoo model"):
+    with pytest.raises(FileNotFoundError, match="neither a folder holding dyvte.json nor a shipped checkpoint with routers"):
         vtc.apply(model, f"dyvte:routers={tmp_path / 'missing'}")
-    with pytest.raises(ValueError, match="give routers=<folder or zoo name>; this model"):
+    with pytest.raises(ValueError, match="give routers=<folder or shipped name>; this model"):
         vtc.apply(model, "dyvte")
     for module in model.modules():
         assert "forward" not in module.__dict__  # a refused apply leaves nothing behind

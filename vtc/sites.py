@@ -256,6 +256,7 @@ class DecoderInfo:
     num_layers: int
     hidden_size: int
     source: str | None = None  # the model's checkpoint (hub id or folder) where the adapter can tell
+    shipped: Path | None = None  # folder of the checkpoints vtc ships, where shipped names (routers=shapes-llava) resolve
 
 
 class DecoderReducer(Reducer):

@@ -133,31 +133,21 @@ class Routers(nn.Module):
         return module
 
 
-def find_routers(routers: str | None, source: str | None) -> Path:
-    """The folder of ``routers``: a folder holding ``dyvte.json``, or the name of a zoo model whose
-    checkpoint ships routers (its ``dyvte/``); None: the applied model's own checkpoint's."""
+def find_routers(routers: str | None, source: str | None, shipped: Path | None = None) -> Path:
+    """The folder of ``routers``: a folder holding ``dyvte.json``, or the name of a checkpoint
+    shipped under ``shipped`` whose folder holds routers (its ``dyvte/``); None: the applied model's
+    own checkpoint's (``source``)."""
     if routers is not None and (Path(routers) / CONFIG_FILE).is_file():
         return Path(routers)
     if routers is not None:
-        from vtc.models import zoo
-
-        try:
-            folder = zoo.locate(routers)[2] / SHIPPED_FOLDER
-        except (ValueError, FileNotFoundError):
-            folder = None
-        if folder is not None and (folder / CONFIG_FILE).is_file():
-            return folder
-        raise FileNotFoundError(f"dyvte: routers={routers!r} is neither a folder holding {CONFIG_FILE} nor a zoo model "
-                                f"shipping routers (zoo models with routers: {', '.join(_zoo_with_routers()) or 'none'})")
+        if shipped is not None and "/" not in routers and (shipped / routers / SHIPPED_FOLDER / CONFIG_FILE).is_file():
+            return shipped / routers / SHIPPED_FOLDER
+        with_routers = sorted(p.parent.parent.name for p in shipped.glob(f"*/{SHIPPED_FOLDER}/{CONFIG_FILE}")) if shipped else []
+        raise FileNotFoundError(f"dyvte: routers={routers!r} is neither a folder holding {CONFIG_FILE} nor a shipped "
+                                f"checkpoint with routers (shipped with routers: {', '.join(with_routers) or 'none'})")
     if source is not None and (Path(source) / SHIPPED_FOLDER / CONFIG_FILE).is_file():
         return Path(source) / SHIPPED_FOLDER
-    raise ValueError(f"dyvte: give routers=<folder or zoo name>; this model ({source!r}) ships none")
-
-
-def _zoo_with_routers() -> list[str]:
-    from vtc.models import zoo
-
-    return [name for name in zoo.names() if (zoo.CHECKPOINTS / name / SHIPPED_FOLDER / CONFIG_FILE).is_file()]
+    raise ValueError(f"dyvte: give routers=<folder or shipped name>; this model ({source!r}) ships none")
 
 
 @dataclass
@@ -189,7 +179,7 @@ class DyVTE(DecoderReducer):
 
     def layers(self, info: DecoderInfo) -> tuple[int, ...]:
         if self.module is None:
-            self.module = Routers.load(find_routers(self.routers, info.source))
+            self.module = Routers.load(find_routers(self.routers, info.source, info.shipped))
         config = self.module.config
         if (config.num_layers, config.hidden_size) != (info.num_layers, info.hidden_size):
             raise ValueError(f"dyvte: these routers are for an LLM of {config.num_layers} layers x {config.hidden_size} "
