@@ -144,3 +144,46 @@ def test_export_lmms_without_its_extra_says_how_to_install(tmp_path, capsys):
     else:
         assert main(["eval", "--export-lmms", str(tmp_path / "task"), "--examples", "5"]) == 0
         assert (tmp_path / "task" / "vtc_shapes.yaml").is_file()
+
+
+def _options(parser):
+    """Every option of ``parser`` (not --help), with its help text."""
+    return [(action.option_strings[0], action.help or "") for action in parser._actions
+            if action.option_strings and action.option_strings[0] != "-h"]
+
+
+def test_every_option_of_every_command_has_help_with_an_example():
+    from vtc.cli import build_parser
+    from vtc.commands import COMMANDS
+
+    commands = next(a for a in build_parser()._actions if a.choices and set(COMMANDS) <= set(a.choices)).choices
+    lacking = [f"vtc {name} {flag}" for name in COMMANDS for flag, text in _options(commands[name])
+               if "e.g." not in text]
+    assert not lacking, f"options without an example in their help: {lacking}"
+
+
+def test_options_come_from_the_library_dataclasses_and_signatures():
+    """The defaults --help shows are the library's own: change a field's default and the option follows."""
+    import argparse
+    import dataclasses
+
+    from vtc.commands.options import add_options, add_parameters, from_options
+    from vtc.demo import DemoOptions
+    from vtc.dymu import calibrate
+    from vtc.shapes_benchmark import BenchmarkOptions
+
+    parser = argparse.ArgumentParser()
+    add_options(parser, BenchmarkOptions, only=("examples", "budgets", "progress"))
+    assert from_options(BenchmarkOptions, parser.parse_args([])) == BenchmarkOptions()
+    parsed = from_options(BenchmarkOptions, parser.parse_args(["--budgets", "64", "16", "--no-progress"]))
+    assert parsed == dataclasses.replace(BenchmarkOptions(), budgets=[64, 16], progress=False)
+    unset = argparse.ArgumentParser()
+    add_options(unset, DemoOptions, only=("batch", "quick"), unset=True)
+    assert from_options(DemoOptions, unset.parse_args(["--quick"]), out_dir="x").batch == 4  # the quick default
+    signature = argparse.ArgumentParser()
+    from vtc.commands.calibrate import CALIBRATE_FLAGS
+
+    add_parameters(signature, calibrate, CALIBRATE_FLAGS)
+    assert vars(signature.parse_args([])) == {"schedule": "constant", "clamp": False, "cap": None, "batch_size": 64}
+    with pytest.raises(ValueError, match="has no help"):
+        add_options(argparse.ArgumentParser(), dataclasses.make_dataclass("Bare", [("n", int, 1)]))

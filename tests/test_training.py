@@ -12,10 +12,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vtc.commands.options import add_options, from_options
 from vtc.train.cli import train_main
 from vtc.train.curve import plot_curve
 from vtc.train.loop import JsonLog, LoopConfig, read_log, run_loop
-from vtc.train.options import add_options, from_options
 from vtc.train.shapes_llava import ShapesLlavaRecipe, ShapesLlavaTrainer
 from vtc.train.shapes_llava_model import ShapesLlavaShape
 from vtc.train.state import StateMismatchError

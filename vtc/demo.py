@@ -63,20 +63,32 @@ class DemoError(RuntimeError):
 
 @dataclass
 class DemoOptions:
-    out_dir: Path
-    quick: bool = False  # tiny smoke test
-    full: bool = False  # the whole shapes benchmark (every budget and DyMU preset, 500 examples)
-    pretrained: bool = False
-    batch: int = 8
-    repeats: int = 3
-    warmup: int = 1
-    reducers: Sequence[str] | None = None  # replaces the default budgets for every model
-    models: Sequence[str] = SHAPES_MODELS
-    examples: int | None = None  # shapes test examples (default 200, 500 with full, 40 with quick)
-    device: str = "cpu"
-    dtype: torch.dtype = torch.float32
-    seed: int = 0
-    progress: bool = True
+    """What ``vtc demo`` runs."""
+
+    out_dir: Path  # folder for the results
+    quick: bool = False  # smoke test, timings rough: shapes on 40 examples at budgets 256/64/16/4/1; timm / open_clip
+    # as tiny 6-block models with one budget per reducer family; batch 4, 1 repeat
+    full: bool = False  # the whole shapes benchmark: 500 examples, budgets 256/128/64/32/16/4/1, DyMU low/mid/high
+    pretrained: bool = False  # hub weights for timm vit_small_patch16_224 (augreg) and open_clip ViT-B-32
+    # (laion2b_s34b_b79k); needs internet on first use
+    batch: int | None = None  # images per timed forward (default 8, 4 with quick); beyond the 8 bundled sample
+    # images mirrored copies are used
+    repeats: int | None = None  # timed forwards per model and budget after the warm-up (default 3, 1 with quick)
+    warmup: int = 1  # untimed forwards before the timed ones
+    reducers: Sequence[str] | None = None  # reducer specs measured instead of the built-in budgets (each must fit every model)
+    models: Sequence[str] = SHAPES_MODELS  # models to run: shapes-vit, shapes-llava (shipped, trained) and/or timm,
+    # open_clip (sample images)
+    examples: int | None = None  # shapes test examples to score (default 200, 500 with full, 40 with quick)
+    device: str = "cpu"  # torch device: cpu, cuda or cuda:N (refused when absent)
+    dtype: torch.dtype = torch.float32  # weights and inputs in this dtype: float32, bfloat16 or float16
+    seed: int = 0  # seeds the random weights of timm / open_clip and the random reducers
+    progress: bool = True  # a progress bar over the work
+
+    def __post_init__(self) -> None:
+        if self.batch is None:
+            self.batch = 4 if self.quick else 8
+        if self.repeats is None:
+            self.repeats = 1 if self.quick else 3
 
 
 @dataclass

@@ -130,18 +130,22 @@ class Row:
 
 @dataclass
 class BenchmarkOptions:
-    examples: int = 1000  # test questions (the first ones of the split: every type equally)
-    budgets: Sequence[int] = BUDGETS
-    reducers: Sequence[str] = REDUCERS
-    models: Sequence[str] = ("shapes-vit", "shapes-llava")
-    timing_batch: int = 16
-    repeats: int = 15
-    batch_size: int = 50
-    progress: bool = True
-    extra_specs: Sequence[str] = ()  # more spec strings, run on every model (budget column "-")
-    dymu_presets: Sequence[str] = DYMU_PRESETS  # shipped DyMU calibrations to run (empty: none)
-    device: str = "cpu"
-    dtype: torch.dtype = torch.float32
+    """What the shapes benchmark runs (the options of ``vtc eval``)."""
+
+    examples: int = 1000  # test examples scored: the first N of the test split, every question type equally
+    budgets: Sequence[int] = BUDGETS  # visual tokens per image of 256 at which every reducer runs
+    reducers: Sequence[str] = REDUCERS  # reducers run at every budget (exit and dyvte: after every LLM layer /
+    # with the shipped routers, no budget)
+    models: Sequence[str] = ("shapes-vit", "shapes-llava")  # shipped checkpoints or folders written by the shapes training scripts
+    timing_batch: int = 16  # images per timed forward
+    repeats: int = 15  # timed repeats per configuration, interleaved with the unreduced model
+    batch_size: int = 50  # examples per scored forward / generate call
+    progress: bool = True  # a progress bar over the examples
+    extra_specs: Sequence[str] = ()  # an extra reducer spec run on every model (budget column "-")
+    dymu_presets: Sequence[str] = DYMU_PRESETS  # shipped DyMU calibrations to run (with and without virtual
+    # unmerging on LLaVA; none: skip DyMU)
+    device: str = "cpu"  # torch device: cpu, cuda or cuda:N (refused when absent)
+    dtype: torch.dtype = torch.float32  # weights and inputs in this dtype: float32, bfloat16 or float16
 
 
 def geometric_counts(start: int, end: int, steps: int) -> list[int]:

@@ -13,6 +13,7 @@ from torch import nn
 
 from vtc.commands.common import add_device_options, positive_int, prepare_output, reducer_spec
 from vtc.commands.models import FORMS, LoadedModel, ModelSpecError, add_model_options, load_model
+from vtc.commands.options import Flag, add_parameters
 from vtc.harness.folders import IMAGE_SUFFIXES, image_files
 from vtc.harness.zero_shot import image_embeddings
 from vtc.measure import compare
@@ -35,19 +36,28 @@ examples:
 """
 
 
+# The options that are parameters of vtc.measure.compare: types and defaults from its signature.
+COMPARE_FLAGS = {
+    "warmup": Flag(type=int, metavar="N", help="untimed forwards of each model before timing", example="--warmup 5"),
+    "repeats": Flag(type=positive_int, metavar="N", help="timed forwards per reducer, interleaved with the unreduced model",
+                    example="--repeats 30"),
+}
+
+
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = commands.add_parser("bench", help="tokens, FLOPs, latency and fidelity of reducers on a vision encoder",
                                  description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(parser, "the encoder")
     parser.add_argument("--reducer", dest="reducers", action="append", type=reducer_spec, required=True, metavar="SPEC",
                         help="a reducer spec (repeatable), e.g. --reducer tome:r=13")
-    parser.add_argument("--images-dir", type=Path, metavar="DIR", help="image files to run (default: shapes test images)")
-    parser.add_argument("--batch", type=positive_int, default=8, metavar="N", help="images per timed forward (default 8)")
-    parser.add_argument("--repeats", type=positive_int, default=10, metavar="N", help="timed forwards per reducer (default 10)")
+    parser.add_argument("--images-dir", type=Path, metavar="DIR", help="image files to run (default: shapes test images), "
+                                                                       "e.g. --images-dir photos/")
+    parser.add_argument("--batch", type=positive_int, default=8, metavar="N", help="images per timed forward (default 8), e.g. --batch 32")
+    add_parameters(parser, compare, COMPARE_FLAGS)
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"), metavar="DIR",
                         help="folder for bench.csv / bench.json (default outputs/bench); a non-empty one gets a new "
-                             "run-<timestamp> subfolder unless --overwrite")
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+                             "run-<timestamp> subfolder unless --overwrite, e.g. --out outputs/bench-tome")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, e.g. --out outputs/bench --overwrite")
     add_device_options(parser)
     parser.set_defaults(handler=run_bench)
     return parser
@@ -95,7 +105,7 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     records = []
     for spec in args.reducers:
         try:
-            result = compare(model, spec, images, warmup=1, repeats=args.repeats, forward=encoder_forward(model))
+            result = compare(model, spec, images, warmup=args.warmup, repeats=args.repeats, forward=encoder_forward(model))
         except (TypeError, ValueError) as error:
             parser.error(f"--reducer {spec}: {error}")
         records.append({

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from vtc.apply import apply
 from vtc.commands.common import positive_int
 from vtc.commands.models import FORMS, LoadedModel, ModelSpecError, add_model_options, load_model
+from vtc.commands.options import Flag, add_parameters
 from vtc.dymu import CONFIG, PRESETS, SCHEDULES, TENSORS, MergeScheduleError, calibrate, merge_schedule
 from vtc.harness.folders import IMAGE_SUFFIXES, image_files
 
@@ -49,29 +50,38 @@ class Pixels(Dataset):
         return self.preprocess(self.items[index])
 
 
+# The options that are parameters of vtc.dymu.calibrate: types and defaults from its signature.
+CALIBRATE_FLAGS = {
+    "schedule": Flag(choices=SCHEDULES, help="how the merges spread over the layers", example="--schedule linear"),
+    "clamp": Flag(help="move merges a layer cannot make (more than half its tokens) to earlier layers; shallow "
+                       "encoders need it for low targets", example="--preset low --clamp"),
+    "cap": Flag(metavar="RATIO", help="per-image cap ratio on each layer's merges (the official "
+                                      "max_r_per_instance_ratio)", example="--cap 2"),
+    "batch_size": Flag(type=positive_int, metavar="N", help="images per batch and process", example="--batch-size 128"),
+}
+
+
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = commands.add_parser("calibrate", help="DyMU merge thresholds for a model, on the shapes images or your own",
                                  description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_options(parser, "the model to calibrate")
     goal = parser.add_mutually_exclusive_group(required=True)
     goal.add_argument("--preset", choices=list(PRESETS),
-                      help="target as a share of the patch tokens: " + ", ".join(f"{k} {v:.3g}" for k, v in PRESETS.items()))
+                      help="target as a share of the patch tokens: " + ", ".join(f"{k} {v:.3g}" for k, v in PRESETS.items())
+                           + ", e.g. --preset mid")
     goal.add_argument("--target", type=float, metavar="T", help="average patch tokens kept after the last layer, e.g. --target 100")
-    parser.add_argument("--schedule", choices=SCHEDULES, default="constant",
-                        help="how the merges spread over the layers (default constant)")
-    parser.add_argument("--clamp", action="store_true",
-                        help="move merges a layer cannot make (more than half its tokens) to earlier layers; "
-                             "shallow encoders need it for low targets")
-    parser.add_argument("--cap", type=float, default=None, metavar="RATIO",
-                        help="per-image cap ratio on each layer's merges (the official max_r_per_instance_ratio), e.g. --cap 2")
+    add_parameters(parser, calibrate, CALIBRATE_FLAGS)
     parser.add_argument("--images-dir", type=Path, default=None, metavar="DIR",
-                        help=f"calibrate on every image file under DIR ({', '.join(IMAGE_SUFFIXES)}); default: the shapes train split")
-    parser.add_argument("--images", type=positive_int, default=4096, metavar="N", help="calibration images (default 4096)")
+                        help=f"calibrate on every image file under DIR ({', '.join(IMAGE_SUFFIXES)}); default: the shapes train split, "
+                             "e.g. --images-dir photos/")
+    parser.add_argument("--images", type=positive_int, default=4096, metavar="N", help="calibration images (default 4096), "
+                                                                                       "e.g. --images 2048")
     parser.add_argument("--held-out", type=positive_int, default=500, metavar="N",
-                        help="held-out images on which the realised token count is measured (default 500)")
-    parser.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="images per batch and process (default 64)")
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder the calibration is written to")
-    parser.add_argument("--overwrite", action="store_true", help="replace a calibration already in --out")
+                        help="held-out images on which the realised token count is measured (default 500), e.g. --held-out 200")
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder the calibration is written to, "
+                                                                               "e.g. --out cal/vit-mid")
+    parser.add_argument("--overwrite", action="store_true", help="replace a calibration already in --out, "
+                                                                 "e.g. --out cal/vit-mid --overwrite")
     parser.set_defaults(handler=run_calibrate)
     return parser
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from vtc.commands.options import Flag
 from vtc.spec import parse_reducer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -61,6 +62,11 @@ def dtype(text: str) -> torch.dtype:
     if text not in DTYPES:
         raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; choose from {', '.join(DTYPES)}")
     return DTYPES[text]
+
+
+# How an options dataclass's ``device`` / ``dtype`` fields appear: checked against this machine.
+DEVICE_FLAGS = {"device": Flag(type=device, metavar="DEV", example="--device cuda"),
+                "dtype": Flag(type=dtype, metavar="DTYPE", example="--dtype bfloat16 on a GPU")}
 
 
 def add_device_options(parser: argparse.ArgumentParser, dtypes: bool = True) -> None:

@@ -6,8 +6,31 @@ import argparse
 import sys
 from pathlib import Path
 
-from vtc.commands.common import OutputDirError, add_device_options, output_dir, positive_int, reducer_spec
+from vtc.commands.common import DEVICE_FLAGS, OutputDirError, output_dir, positive_int, reducer_spec
+from vtc.commands.options import Flag, add_options, from_options
 from vtc.demo import MODELS, DemoError, DemoOptions, run
+
+
+def model_list(text: str) -> list[str]:
+    """argparse type: comma-separated model names."""
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+# How the fields of DemoOptions appear as options (names, help and defaults come from the dataclass).
+FLAGS = {
+    "pretrained": Flag(example="--models timm,open_clip --pretrained"),
+    "batch": Flag(type=positive_int, metavar="N", example="--batch 16"),
+    "repeats": Flag(type=positive_int, metavar="N", example="--repeats 5"),
+    "reducers": Flag(name="--reducer", type=reducer_spec, repeat=True, metavar="SPEC",
+                     example="--reducer tome:r=13 --reducer evit:keep=0.7 (repeatable)"),
+    "models": Flag(type=model_list, whole=True, metavar="LIST", example="--models timm,open_clip"),
+    "examples": Flag(type=positive_int, metavar="N", example="--examples 100"),
+    **DEVICE_FLAGS,
+    "seed": Flag(metavar="N", example="--seed 1"),
+    "progress": Flag(example="--no-progress for a log file"),
+    "full": Flag(example="vtc demo --full"),
+    "quick": Flag(example="vtc demo --quick"),
+}
 
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -33,42 +56,20 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--out", metavar="DIR", type=Path, default=Path("outputs/demo"),
                         help="folder for shapes.csv / shapes.json / pareto.png / per_type.png or results.csv and the PNG "
                              "pictures (default: ./outputs/demo). If it exists and is not empty, a new run-<timestamp> "
-                             "subfolder is used unless --overwrite.")
+                             "subfolder is used unless --overwrite, e.g. --out outputs/demo-2")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty --out, replacing shapes.csv / shapes.json / pareto.png / per_type.png / "
-                             "results.csv / input.png / groups_*.png there (other files are left alone)")
-    parser.add_argument("--pretrained", action="store_true",
-                        help="load real weights (timm vit_small_patch16_224 augreg, open_clip ViT-B-32 "
-                             "laion2b_s34b_b79k) from the Hugging Face hub; needs internet on first use")
+                             "results.csv / input.png / groups_*.png there (other files are left alone), "
+                             "e.g. --out outputs/demo --overwrite")
+    add_options(parser, DemoOptions, FLAGS, only=FLAGS, skip=("full", "quick"), unset=True, title="what the demo runs")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--full", action="store_true",
-                      help="the whole shapes benchmark: 500 examples, budgets 256/128/64/32/16/4/1, DyMU low/mid/high "
-                           "(about 40 minutes on 2 CPU cores), e.g. vtc demo --full")
-    size.add_argument("--quick", action="store_true",
-                        help="smoke test, timings rough: shapes on 40 examples at budgets 256/64/16/4/1; timm / open_clip as tiny "
-                             "6-block models with one budget per reducer family; batch 4, 1 repeat")
-    parser.add_argument("--batch", metavar="N", type=positive_int, default=None,
-                        help="images per timed forward (default 8, or 4 with --quick); beyond the 8 bundled sample "
-                             "images mirrored copies are used")
-    parser.add_argument("--repeats", metavar="N", type=positive_int, default=None,
-                        help="timed forwards per model and budget, after one warm-up (default 3, or 1 with --quick)")
-    parser.add_argument("--reducer", dest="reducers", action="append", type=reducer_spec, metavar="SPEC",
-                        help="reducer spec to measure instead of the built-in budgets, e.g. 'tome:r=13' or "
-                             "'evit:keep=0.7' (repeatable; each must fit every model in --models)")
-    parser.add_argument("--models", metavar="LIST", default="shapes-vit,shapes-llava",
-                        help="comma-separated models to run: shapes-vit, shapes-llava (the shipped trained "
-                             "checkpoints, the default) and/or timm, open_clip (sample images)")
-    parser.add_argument("--examples", metavar="N", type=positive_int, default=None,
-                        help="shapes test examples to score (default 200, 500 with --full, 40 with --quick)")
-    add_device_options(parser)
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_options(size, DemoOptions, FLAGS, only=("full", "quick"), unset=True)
     parser.set_defaults(handler=run_demo)
     return parser
 
 
 def run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-
-    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    models = args.models if args.models is not None else list(DemoOptions.models)
     bad = [m for m in models if m not in MODELS]
     if bad or not models:
         parser.error(f"argument --models: unknown model(s) {', '.join(bad) or '(none given)'}; "
@@ -84,12 +85,7 @@ def run_demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(str(error))
     if note:
         print(note)
-    options = DemoOptions(
-        out_dir=out_dir, quick=args.quick, pretrained=args.pretrained,
-        batch=args.batch or (4 if args.quick else 8), repeats=args.repeats or (1 if args.quick else 3),
-        reducers=args.reducers, models=models, device=args.device, progress=not args.no_progress,
-        examples=args.examples, full=args.full, dtype=args.dtype,
-    )
+    options = from_options(DemoOptions, args, out_dir=out_dir)
     try:
         run(options)
     except DemoError as error:

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import vtc
 from vtc import harness
-from vtc.commands.common import add_device_options, positive_int, prepare_output, reducer_spec
+from vtc.commands.common import DEVICE_FLAGS, positive_int, prepare_output, reducer_spec
 from vtc.commands.models import FORMS, ModelSpecError, load_model
+from vtc.commands.options import Flag, add_options, from_options
 from vtc.data import shapes
 from vtc.data.evaluate import classifier_scores, vlm_scores
+from vtc.harness import HarnessConfig
 from vtc.models import zoo
 from vtc.shapes_benchmark import (
-    BUDGETS,
     DYMU_PRESETS,
     REDUCERS,
     BenchmarkOptions,
@@ -77,15 +78,36 @@ examples:
 
 # options of one mode (dest -> flag); they default to None so that giving them in the other mode is caught
 SHAPES_ONLY = {"models": "--models", "reducers": "--reducers", "budgets": "--budgets", "dymu_presets": "--dymu-presets",
-               "spec": "--spec", "examples": "--examples", "timing_batch": "--timing-batch", "cards": "--cards",
+               "extra_specs": "--spec", "examples": "--examples", "timing_batch": "--timing-batch", "cards": "--cards",
                "write_cards": "--write-cards", "export_lmms": "--export-lmms"}
 FOLDER_ONLY = {"model": "--model", "pretrained": "--pretrained", "reducer": "--reducer", "class_index": "--class-index",
-               "class_names": "--class-names", "template": "--template", "templates": "--templates", "batch_size": "--batch-size"}
-SHAPES_DEFAULTS = {"models": list(BenchmarkOptions.models), "reducers": list(BenchmarkOptions.reducers),
-                   "budgets": list(BenchmarkOptions.budgets), "dymu_presets": list(BenchmarkOptions.dymu_presets), "spec": [],
-                   "examples": BenchmarkOptions.examples, "timing_batch": BenchmarkOptions.timing_batch}
+               "class_names": "--class-names", "template": "--template", "templates": "--templates"}
 SHAPES_OUT, FOLDER_OUT = Path("outputs/shapes"), Path("outputs/eval")
-FOLDER_BATCH = harness.HarnessConfig.batch_size
+# How the fields of BenchmarkOptions appear as options (names, help and defaults come from the dataclass).
+SHAPES_FLAGS = {
+    "models": Flag(metavar="NAME", example=f"--models shapes-llava outputs/shapes-llava-r5 (shipped: {', '.join(zoo.names())})"),
+    "reducers": Flag(choices=REDUCERS, metavar="NAME", empty=True,
+                     example="--reducers tome pool (holov, m3 and mqt act only at the LLaVA connector, exit and dyvte "
+                             "inside its LLM; none given: only --spec and DyMU)"),
+    "budgets": Flag(type=positive_int, metavar="N", example="--budgets 64 16"),
+    "dymu_presets": Flag(choices=DYMU_PRESETS, metavar="P", empty=True, example="--dymu-presets mid"),
+    "extra_specs": Flag(name="--spec", type=reducer_spec, repeat=True, metavar="SPEC",
+                        example="--spec tome:r=16 --spec holov:k=64 (repeatable)"),
+    "examples": Flag(type=positive_int, metavar="N", example="--examples 200"),
+    "timing_batch": Flag(type=positive_int, metavar="N", example="--timing-batch 32"),
+}
+SHARED_FLAGS = {
+    **DEVICE_FLAGS,
+    "progress": Flag(example="--no-progress for a log file"),
+    "batch_size": Flag(type=positive_int, metavar="N",
+                       help=f"examples (shapes) or images (--folder) per forward (default: "
+                            f"{BenchmarkOptions.batch_size} for the shapes benchmark, {HarnessConfig.batch_size} with --folder)",
+                       example="--batch-size 128"),
+    "repeats": Flag(type=positive_int, metavar="N",
+                    help=f"timed repeats per configuration, interleaved with the unreduced model (default: "
+                         f"{BenchmarkOptions.repeats} for the shapes benchmark, {HarnessConfig.repeats} with --folder)",
+                    example="--repeats 30"),
+}
 
 
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -98,41 +120,23 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
                              "non-empty one gets a new run-<timestamp> subfolder unless --overwrite, e.g. --out outputs/imagenet-tome")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into a non-empty --out, replacing its files, e.g. --out outputs/eval --overwrite")
-    parser.add_argument("--repeats", type=positive_int, default=BenchmarkOptions.repeats, metavar="N",
-                        help=f"timed repeats per configuration, interleaved with the unreduced model (default "
-                             f"{BenchmarkOptions.repeats}), e.g. --repeats 30")
-    add_device_options(parser)
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar, e.g. for a log file: --no-progress")
-    _add_shapes_options(parser.add_argument_group("shapes benchmark (without --folder)"))
+    shared = parser.add_argument_group("both modes")
+    add_options(shared, BenchmarkOptions, SHARED_FLAGS, only=("device", "dtype", "progress"))
+    add_options(shared, BenchmarkOptions, SHARED_FLAGS, only=("batch_size", "repeats"), unset=True)
+    shapes_group = parser.add_argument_group("shapes benchmark (without --folder)")
+    add_options(shapes_group, BenchmarkOptions, SHAPES_FLAGS, only=SHAPES_FLAGS, unset=True)
+    _add_shapes_actions(shapes_group)
     _add_folder_options(parser.add_argument_group("folder harness (--folder)"))
     parser.set_defaults(handler=run_eval)
     return parser
 
 
-def _add_shapes_options(group: argparse._ArgumentGroup) -> None:
-    group.add_argument("--models", nargs="+", metavar="NAME",
-                       help=f"shipped checkpoints ({', '.join(zoo.names())}; default both) or folders written by "
-                            "the shapes training scripts, e.g. --models outputs/shapes-llava-r5")
-    group.add_argument("--reducers", nargs="*", choices=REDUCERS, metavar="NAME",
-                       help=f"reducers run at every budget: {', '.join(REDUCERS)} (default: all; holov, m3 and mqt act "
-                            f"only at the LLaVA connector; exit and dyvte inside its LLM, after every layer / with "
-                            f"the shipped routers, not at a budget; none: only --spec and DyMU), e.g. --reducers tome pool")
-    group.add_argument("--budgets", nargs="+", type=positive_int, metavar="N",
-                       help=f"visual tokens per image of 256 (default {' '.join(map(str, BUDGETS))}), e.g. --budgets 64 16")
-    group.add_argument("--dymu-presets", nargs="*", choices=DYMU_PRESETS, metavar="P",
-                       help="shipped DyMU calibrations to run: low, mid, high (default all; none: skip DyMU), "
-                            "e.g. --dymu-presets mid")
-    group.add_argument("--spec", action="append", type=reducer_spec, metavar="SPEC",
-                       help="an extra reducer spec run on every model (repeatable), e.g. --spec tome:r=16")
-    group.add_argument("--examples", type=positive_int, metavar="N",
-                       help="test examples scored: the first N of the test split, every question type equally "
-                            f"(default {SHAPES_DEFAULTS['examples']}), e.g. --examples 200")
+def _add_shapes_actions(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--export-lmms", type=Path, metavar="DIR",
                        help="write the first --examples test examples as the lmms-eval task vtc_shapes under DIR and exit; "
                             "then: lmms-eval --model vtc --model_args pretrained=shapes-llava,reducers=pool:tokens=64 "
-                            "--tasks vtc_shapes --include_path DIR (pip install 'vtc-vlm[lmms]')")
-    group.add_argument("--timing-batch", type=positive_int, metavar="N",
-                       help=f"images per timed forward (default {SHAPES_DEFAULTS['timing_batch']}), e.g. --timing-batch 32")
+                            "--tasks vtc_shapes --include_path DIR (pip install 'vtc-vlm[lmms]'), "
+                            "e.g. --export-lmms shapes-task --examples 500")
     checks = group.add_mutually_exclusive_group()
     checks.add_argument("--cards", action="store_true", default=None,
                         help="check the shipped cards against a fresh evaluation (exit 1 if they differ), e.g. vtc eval --cards")
@@ -165,9 +169,6 @@ def _add_folder_options(group: argparse._ArgumentGroup) -> None:
     prompts.add_argument("--templates", type=Path, metavar="FILE",
                          help="zero-shot: prompt templates, one per line with {} for the class name; each class's "
                               "prompt embeddings are averaged, e.g. --templates imagenet-templates.txt")
-    group.add_argument("--batch-size", type=positive_int, metavar="N",
-                       help=f"images per forward; the first batch is also the timed one (default {FOLDER_BATCH}), "
-                            "e.g. --batch-size 128")
 
 
 def _refuse_others(parser: argparse.ArgumentParser, args: argparse.Namespace, others: dict[str, str], why: str) -> None:
@@ -182,24 +183,18 @@ def run_eval(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return run_folder(args, parser)
     _refuse_others(parser, args, FOLDER_ONLY, "only with --folder DIR (the folder harness); without --folder vtc eval "
                                               "runs the shapes benchmark (its models: --models)")
-    for dest, default in SHAPES_DEFAULTS.items():
-        if getattr(args, dest) is None:
-            setattr(args, dest, default)
+    options = from_options(BenchmarkOptions, args)
     if args.export_lmms is not None:
         from vtc.lmms import export_lmms
 
         try:
-            path = export_lmms(args.export_lmms, examples=args.examples, overwrite=args.overwrite)
+            path = export_lmms(args.export_lmms, examples=options.examples, overwrite=args.overwrite)
         except (ImportError, FileExistsError, ValueError) as error:
             parser.error(str(error))
         print(f"wrote {path}")
         return 0
     if args.cards or args.write_cards:
-        return 0 if all([check_card(name, bool(args.write_cards), args.device) for name in args.models]) else 1
-    options = BenchmarkOptions(examples=args.examples, budgets=args.budgets, reducers=args.reducers,
-                               models=args.models, timing_batch=args.timing_batch, repeats=args.repeats,
-                               progress=not args.no_progress, extra_specs=args.spec, dymu_presets=args.dymu_presets,
-                               device=args.device, dtype=args.dtype)
+        return 0 if all([check_card(name, bool(args.write_cards), options.device) for name in options.models]) else 1
     out = prepare_output(parser, args.out or SHAPES_OUT, args.overwrite)
     try:
         rows = run(options)
@@ -280,7 +275,7 @@ def run_folder(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     except harness.HarnessError as error:
         parser.error(str(error))
     loaded, zero_shot = _load_folder_model(args, parser)
-    config = harness.HarnessConfig(batch_size=args.batch_size or FOLDER_BATCH, repeats=args.repeats, progress=not args.no_progress)
+    config = from_options(HarnessConfig, args)
     setup = {"command": "vtc eval --folder", "model": args.model, "pretrained": bool(args.pretrained),
              "folder": str(args.folder), "classes": len(scan.classes), "images": scan.images, "specs": args.reducer or [],
              "batch_size": config.batch_size, "repeats": config.repeats, "warmup": config.warmup, "device": args.device,

@@ -20,8 +20,10 @@ FORMS = "shapes-vit, shapes-llava (or a trained folder), timm:<name>, open_clip:
 
 def add_model_options(parser: argparse.ArgumentParser, what: str = "the model") -> None:
     """``--model`` (any of :data:`FORMS`) and ``--pretrained``."""
-    parser.add_argument("--model", required=True, metavar="MODEL", help=f"{what}: {FORMS}")
-    parser.add_argument("--pretrained", action="store_true", help="allow downloading hub weights (needs internet once)")
+    parser.add_argument("--model", required=True, metavar="MODEL", help=f"{what}: {FORMS}, e.g. --model timm:vit_small_patch16_224")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="allow downloading hub weights (needs internet once); without it timm and open_clip models get "
+                             "random weights, e.g. --model open_clip:ViT-B-32@laion2b_s34b_b79k --pretrained")
 
 
 class ModelSpecError(ValueError):

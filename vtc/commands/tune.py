@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from vtc.commands.common import device
-from vtc.train.options import add_options, from_options
+from vtc.commands.common import DEVICE_FLAGS, positive_int
+from vtc.commands.options import Flag, add_options, from_options
 from vtc.tune import Point, TuneError, TuneOptions, run
 
 DESCRIPTION = """\
@@ -28,20 +28,34 @@ examples:
 """
 
 
+# How the fields of TuneOptions appear as options (names, help and defaults come from the dataclass).
+FLAGS = {
+    "model": Flag(example="--model shapes-llava"),
+    "knobs": Flag(example='--knobs "holov:k=16..256:16"'),
+    "target": Flag(example='--target "accuracy>=0.9"'),
+    "split": Flag(example="--split test for a final report"),
+    "examples": Flag(type=positive_int, metavar="N", example="--examples 500"),
+    "qtypes": Flag(example="--qtypes digit,position"),
+    "results": Flag(example="--results outputs/tome-tune.csv"),
+    "coarse_step": Flag(type=positive_int, metavar="N", example="--coarse-step 8"),
+    "trials": Flag(type=positive_int, metavar="N", example="--trials 40"),
+    "batch_size": Flag(type=positive_int, metavar="N", example="--batch-size 100"),
+    "repeats": Flag(metavar="N", example="--repeats 5"),
+    "plot": Flag(example="--plot tune.png"),
+    **DEVICE_FLAGS,
+}
+
+
 def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = commands.add_parser("tune", help="find the smallest token budget meeting an accuracy or fidelity target",
                                  description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(parser, TuneOptions)
+    add_options(parser, TuneOptions, FLAGS)
     parser.set_defaults(handler=run_tune)
     return parser
 
 
 def run_tune(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     options = from_options(TuneOptions, args)
-    try:
-        device(options.device)
-    except argparse.ArgumentTypeError as error:
-        parser.error(f"argument --device: {error}")
     try:
         outcome = run(options)
     except TuneError as error:

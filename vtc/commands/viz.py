@@ -34,11 +34,12 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--reducer", dest="reducers", action="append", type=reducer_spec, required=True, metavar="SPEC",
                         help="an encoder reducer spec (repeatable), e.g. --reducer tome:r=16")
     parser.add_argument("--image", dest="images", action="append", type=Path, metavar="FILE",
-                        help="an image file (repeatable); default: the first 4 shapes test images (shapes models only)")
+                        help="an image file (repeatable); default: the first 4 shapes test images (shapes models only), "
+                             "e.g. --image cat.jpg --image dog.png")
     parser.add_argument("--out", type=Path, default=Path("outputs/viz"), metavar="DIR",
                         help="folder for <image>_<reducer>.png (default outputs/viz); a non-empty one gets a new "
-                             "run-<timestamp> subfolder unless --overwrite")
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out")
+                             "run-<timestamp> subfolder unless --overwrite, e.g. --out maps/")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out, e.g. --out maps/ --overwrite")
     add_device_options(parser, dtypes=False)
     parser.set_defaults(handler=run_viz)
     return parser

@@ -7,8 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from vtc.commands.options import add_options, command, from_options
 from vtc.train.curve import plot_curve
-from vtc.train.options import add_options, command, from_options
 from vtc.train.output import OutputError
 from vtc.train.state import StateMismatchError
 from vtc.train.trainer import CURVE, LOG, RunOptions, Trainer

@@ -37,7 +37,7 @@ class FinetuneRecipe:
     warmup: int = 30  # warm-up steps of each stage's cosine schedule
     weight_decay: float = 0.0  # AdamW weight decay (M3 and MQT use 0)
     image_offset: int = 140000  # index of the first train image (after those the shipped shapes-llava saw)
-    seed: int = 0
+    seed: int = 0  # seeds the data order, the initialisation of new weights and the sampled choices
 
 
 class ConnectorFinetuner(Trainer):

@@ -57,13 +57,13 @@ BOOST = {"kind": 3.0, "color": 3.0, "cell": 3.0, "count": 3.0, "digit": 9.0}  # 
 class ShapesLlavaRecipe:
     """Everything that changes the trained weights (checked when a run resumes)."""
 
-    tower_steps: int = 600
-    tower_batch: int = 32
-    tower_lr: float = 2e-3
-    vlm_steps: int = 2400
-    vlm_batch: int = 16
-    vlm_lr: float = 1.5e-3
-    warmup: int = 100
+    tower_steps: int = 600  # stage 1: steps training the vision tower on per-patch targets
+    tower_batch: int = 32  # images per stage-1 step
+    tower_lr: float = 2e-3  # peak learning rate of stage 1
+    vlm_steps: int = 2400  # stage 2: steps training projector and LLM on the conversations
+    vlm_batch: int = 16  # images per stage-2 step (each with a multi-turn conversation)
+    vlm_lr: float = 1.5e-3  # peak learning rate of stage 2
+    warmup: int = 100  # warm-up steps of each stage's cosine schedule
     per_type: int = 2  # extra questions per type and image
     focus_type: str = ""  # a question type given more turns per image ("" = none)
     focus_questions: int = 0  # extra turns of focus_type per image (a question already asked is skipped)
@@ -73,8 +73,8 @@ class ShapesLlavaRecipe:
     word_attention_layer: int = 1  # ... in this decoder layer
     relay_weight: float = 0.0  # attention supervision from the answer position onto the question's last word
     relay_layer: int = 2  # ... in this decoder layer (after word_attention_layer)
-    weight_decay: float = 0.05
-    seed: int = 0
+    weight_decay: float = 0.05  # AdamW weight decay
+    seed: int = 0  # seeds the initialisation and the data order
     init: str = ""  # a saved training state (folder holding weights.safetensors) to start from; "" = fresh
     joint_tower_lr: float = 0.0  # peak tower learning rate in the vlm stage (0 = frozen tower)
     image_offset: int = 0  # index of the first train image used

@@ -36,13 +36,13 @@ DIGIT_BOOST = 9.0  # weight of digit patches in the auxiliary loss (the few patc
 class ShapesVitRecipe:
     """Everything that changes the trained weights (checked when a run resumes)."""
 
-    steps: int = 3000
-    batch: int = 64
-    lr: float = 1.5e-3
-    warmup: int = 100
-    aux_weight: float = 0.5
-    weight_decay: float = 0.05
-    seed: int = 0
+    steps: int = 3000  # optimizer steps
+    batch: int = 64  # images per step
+    lr: float = 1.5e-3  # peak learning rate (cosine schedule)
+    warmup: int = 100  # warm-up steps
+    aux_weight: float = 0.5  # weight of the per-patch auxiliary loss beside the digit loss
+    weight_decay: float = 0.05  # AdamW weight decay
+    seed: int = 0  # seeds the initialisation and the data order
 
 
 def build_vit(model_args: dict[str, Any] = MODEL_ARGS) -> torch.nn.Module:
