@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -253,7 +254,10 @@ def test_model_errors_name_what_cannot_load(tmp_path):
     pytest.importorskip("lmms_eval")
     from vtc.lmms.model import VtcModel
 
-    with pytest.raises(ModelArgsError, match="is neither a vtc zoo name .shapes-llava, shapes-vit. nor an HF LLaVA"):
+    from vtc.models import zoo
+
+    names = re.escape(", ".join(zoo.names()))
+    with pytest.raises(ModelArgsError, match=rf"is neither a vtc zoo name \({names}\) nor an HF LLaVA"):
         VtcModel(pretrained=str(tmp_path))
     with pytest.raises(ModelArgsError, match=r"reducers=exit:layer=99 cannot act on shapes-llava: exit: layers \[99\] do not exist"):
         VtcModel(pretrained="shapes-llava", reducers="exit:layer=99")
