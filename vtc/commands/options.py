@@ -2,8 +2,10 @@
 
 Each field of an options dataclass becomes ``--field-name``: its type from the annotation
 (``int``, ``float``, ``str``, ``Path``, ``bool``, a sequence of those, each possibly ``| None``),
-its default from the field, its help from the comment ending the field's line. What a command
-adds (another flag name, a checking parser, an example, choices) it says in a :class:`Flag`.
+its default from the field, its help from the comment ending the field's line. Where the library
+takes keyword arguments instead, :func:`add_parameters` reads type and default from the function's
+signature. What a command adds (another flag name, a checking parser, an example, choices) it
+says in a :class:`Flag`.
 """
 
 from __future__ import annotations
