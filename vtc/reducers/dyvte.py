@@ -155,7 +155,7 @@ class DyVTE(DecoderReducer):
     """Learned per-sample visual-token exit (see the module docstring).
 
     Args:
-        routers: a folder written by :meth:`Routers.save`, or a zoo model name whose checkpoint ships
+        routers: a folder written by :meth:`Routers.save`, or the name of a shipped checkpoint holding
             routers (``routers=shapes-llava``); default: the applied model's own checkpoint's.
         threshold: exit where ``p_exit > threshold`` (0 < threshold < 1; higher exits later); default:
             the argmax of the two logits, as the paper.
