@@ -69,6 +69,7 @@ class DemoOptions:
     quick: bool = False  # smoke test, timings rough: shapes on 40 examples at budgets 256/64/16/4/1; timm / open_clip
     # as tiny 6-block models with one budget per reducer family; batch 4, 1 repeat
     full: bool = False  # the whole shapes benchmark: 500 examples, budgets 256/128/64/32/16/4/1, DyMU low/mid/high
+    # (about 9 minutes on 2 CPU cores)
     pretrained: bool = False  # hub weights for timm vit_small_patch16_224 (augreg) and open_clip ViT-B-32
     # (laion2b_s34b_b79k); needs internet on first use
     batch: int | None = None  # images per timed forward (default 8, 4 with quick); beyond the 8 bundled sample

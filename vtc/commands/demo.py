@@ -47,7 +47,7 @@ def add_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
             "DyMU at its mid preset. It prints test accuracy per question type with 95%% intervals, agreement with the unreduced "
             "model, GFLOPs and speedup (timed interleaved with the unreduced model), and writes shapes.csv, "
             "shapes.json (with versions and options), pareto.png and per_type.png. --full runs the whole "
-            "benchmark (500 examples, budgets 256/128/64/32/16/4/1, every DyMU preset; about 40 minutes on 2 cores). "
+            "benchmark (500 examples, budgets 256/128/64/32/16/4/1, every DyMU preset; about 9 minutes on 2 cores). "
             "With --models timm,open_clip: a timm vit_small_patch16_224 and an open_clip ViT-B-32 over sample images "
             "bundled with scikit-image (tokens per layer, GFLOPs, throughput, fidelity: top-1 agreement and KL for "
             "timm logits, cosine for CLIP embeddings), results.csv and one merge picture per reducer family; their "

@@ -15,7 +15,8 @@ threshold`` with ``threshold=``. Routers stop after the prefill.
 
 Departures from the official code: the hidden width is an option of the trained routers (the
 official 2048 units are 16.8M parameters per layer at 7B; :mod:`vtc.train.dyvte` defaults to
-256, which loses nothing on the shapes model, BENCHMARKS.md); there is no router after the last
+256, twice the width of the shapes model's 128-wide LLM; 2048 was not tried there, so whether
+256 loses anything is not measured); there is no router after the last
 layer (an exit there removes nothing); positions come from the image placeholders, never a
 template's offsets; batches exit per sample.
 
