@@ -15,7 +15,7 @@ from pathlib import Path
 # module only, not the modules under it).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("core", ("vtc.state", "vtc.budget", "vtc.merge", "vtc.sequence", "vtc.grid", "vtc.sites", "vtc.options",
-              "vtc.spec", "vtc.flops", "vtc.chain", "vtc.kernels")),
+              "vtc.spec", "vtc.flops", "vtc.chain", "vtc.saved_module", "vtc.kernels")),
     ("methods", ("vtc.reducers",)),
     ("adapters", ("vtc.models",)),
     ("api", ("=vtc", "vtc.apply", "vtc.dymu", "vtc.holov", "vtc.answer")),

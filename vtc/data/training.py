@@ -60,3 +60,16 @@ def cosine_lr(step: int, steps: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     return 0.5 * peak * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def set_two_stage_lr(optimizer: torch.optim.Optimizer, step: int, first_steps: int, second_steps: int, warmup: int,
+                     first_peaks: dict[str, float], second_peaks: dict[str, float]) -> bool:
+    """Set each named parameter group's learning rate for ``step`` of a two-stage run: each stage
+    its own :func:`cosine_lr` (warm-up capped at a tenth of the stage) to the group's peak in that
+    stage. Returns whether ``step`` is in the first stage."""
+    first = step < first_steps
+    local, total = (step, first_steps) if first else (step - first_steps, second_steps)
+    peaks = first_peaks if first else second_peaks
+    for group in optimizer.param_groups:
+        group["lr"] = cosine_lr(local, total, peaks[group["name"]], warmup=min(warmup, max(1, total // 10)))
+    return first

@@ -27,17 +27,16 @@ sample when the teacher-forced answer's greedy tokens agree with the full model'
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vtc.options import expects
+from vtc.saved_module import SavedModule
 from vtc.sites import DecoderInfo, DecoderReducer
 
 CONFIG_FILE = "dyvte.json"
@@ -96,9 +95,11 @@ class RouterConfig:
     model: str = ""  # the checkpoint trained for (its folder name or hub id; "" = not recorded)
 
 
-class Routers(nn.Module):
+class Routers(SavedModule):
     """One two-layer router per LLM layer but the last: ``W2 GELU(W1 f)``, no biases, Xavier
     init (the official ``init_weight.py``)."""
+
+    config_file, weights_file, config_class, method = CONFIG_FILE, WEIGHTS_FILE, RouterConfig, "dyvte"
 
     def __init__(self, config: RouterConfig) -> None:
         super().__init__()
@@ -115,23 +116,6 @@ class Routers(nn.Module):
         """(B, 2) logits (keep, exit) of the router after ``layer`` for ``features`` (B, 2D)."""
         hidden = F.gelu(features.to(self.first.dtype) @ self.first[layer].T)
         return hidden @ self.second[layer].T
-
-    def save(self, folder: str | Path) -> Path:
-        """``dyvte.json`` + ``routers.safetensors`` in ``folder`` (created)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(folder / WEIGHTS_FILE))
-        (folder / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=1) + "\n")
-        return folder
-
-    @classmethod
-    def load(cls, folder: str | Path) -> Routers:
-        folder = Path(folder)
-        if not (folder / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"dyvte: no {CONFIG_FILE} in {folder} (a folder written by Routers.save)")
-        module = cls(RouterConfig(**json.loads((folder / CONFIG_FILE).read_text())))
-        module.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
-        return module
 
 
 def find_routers(routers: str | None, source: str | None, shipped: Path | None = None) -> Path:

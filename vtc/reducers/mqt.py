@@ -22,19 +22,19 @@ not given.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from vtc.budget import per_image_counts
 from vtc.options import expects
+from vtc.saved_module import SavedModule
 from vtc.sites import ConnectorInfo, ConnectorReducer, Signals, Site
 from vtc.state import TokenState
 
@@ -81,9 +81,10 @@ class QueryTransformerConfig:
             raise ValueError(f"mqt: keys must be positions or features, got {self.keys!r}")
 
 
-class QueryTransformer(nn.Module):
+class QueryTransformer(SavedModule):
     """The MQT compressor (module docstring): vision features (B, N, C) on a patch grid -> (B, m, D)."""
 
+    config_file, weights_file, config_class, method = CONFIG_FILE, WEIGHTS_FILE, QueryTransformerConfig, "mqt"
     pos_embed: torch.Tensor
 
     def __init__(self, config: QueryTransformerConfig) -> None:
@@ -130,24 +131,6 @@ class QueryTransformer(nn.Module):
         mask = None if valid is None else ~valid[:, None, :].expand(-1, self.config.queries, -1).repeat_interleave(self.config.heads, 0)
         out, _ = self.attn(queries, keys, values, attn_mask=mask, need_weights=False)
         return (out @ self.proj)[:, :tokens]
-
-    # ----- saving and loading -------------------------------------------------------------------
-    def save(self, folder: str | Path) -> Path:
-        """``mqt.json`` + ``query-transformer.safetensors`` in ``folder`` (created)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(folder / WEIGHTS_FILE))
-        (folder / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=1) + "\n")
-        return folder
-
-    @classmethod
-    def load(cls, folder: str | Path) -> QueryTransformer:
-        folder = Path(folder)
-        if not (folder / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"mqt: no {CONFIG_FILE} in {folder} (a folder written by QueryTransformer.save)")
-        module = cls(QueryTransformerConfig(**json.loads((folder / CONFIG_FILE).read_text())))
-        module.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
-        return module
 
 
 OFFICIAL_PREFIXES = ("model.query_abstractor.", "query_abstractor.")

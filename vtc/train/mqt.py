@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vtc.data.training import cosine_lr
+from vtc.data.training import set_two_stage_lr
 from vtc.reducers.mqt import MQT, SHIPPED_FOLDER, QueryTransformer, QueryTransformerConfig
 from vtc.train.finetune import ConnectorFinetuner, FinetuneRecipe
 from vtc.train.trainer import RunOptions
@@ -95,12 +95,8 @@ class MQTTrainer(ConnectorFinetuner):
 
     def train_step(self, step: int) -> dict[str, float]:
         r = self.recipe
-        first = step < r.stage1_steps
-        local, total = (step, r.stage1_steps) if first else (step - r.stage1_steps, r.stage2_steps)
-        warmup = min(r.warmup, max(1, total // 10))
-        peaks = {"transformer": r.stage1_lr, "llm": 0.0} if first else {"transformer": r.lr, "llm": r.lr}
-        for group in self.optimizer.param_groups:
-            group["lr"] = cosine_lr(local, total, peaks[group["name"]], warmup=warmup)
+        first = set_two_stage_lr(self.optimizer, step, r.stage1_steps, r.stage2_steps, r.warmup,
+                                 {"transformer": r.stage1_lr, "llm": 0.0}, {"transformer": r.lr, "llm": r.lr})
         for p in self.llm:
             p.requires_grad_(not first)
         tokens = r.queries if first else draw_prefix(self.rng, r.queries, r.prefix)

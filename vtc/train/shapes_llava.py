@@ -45,7 +45,7 @@ from safetensors.torch import load_model
 
 from vtc.data import shapes
 from vtc.data.evaluate import vlm_scores
-from vtc.data.training import NO_DIGIT, TARGET_CLASSES, cosine_lr, patch_targets, pixels
+from vtc.data.training import NO_DIGIT, TARGET_CLASSES, patch_targets, pixels, set_two_stage_lr
 from vtc.models.zoo import write_card
 from vtc.train.shapes_llava_model import ShapesLlavaShape, build
 from vtc.train.trainer import STATE_DIR, RunOptions, Trainer
@@ -239,12 +239,8 @@ class ShapesLlavaTrainer(Trainer):
     # ----- steps --------------------------------------------------------------------------------
     def _set_lr(self, step: int) -> None:
         r = self.recipe
-        tower_stage = step < r.tower_steps
-        local, total = (step, r.tower_steps) if tower_stage else (step - r.tower_steps, r.vlm_steps)
-        warmup = min(r.warmup, max(1, total // 10))
-        peaks = {"tower": r.tower_lr, "vlm": 0.0} if tower_stage else {"tower": r.joint_tower_lr, "vlm": r.vlm_lr}
-        for group in self.optimizer.param_groups:
-            group["lr"] = cosine_lr(local, total, peaks[group["name"]], warmup=warmup)
+        set_two_stage_lr(self.optimizer, step, r.tower_steps, r.vlm_steps, r.warmup, {"tower": r.tower_lr, "vlm": 0.0},
+                         {"tower": r.joint_tower_lr, "vlm": r.vlm_lr})
 
     def _clip_and_step(self, params: list[torch.nn.Parameter], loss: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
