@@ -101,7 +101,8 @@ SHARED_FLAGS = {
     "progress": Flag(example="--no-progress for a log file"),
     "batch_size": Flag(type=positive_int, metavar="N",
                        help=f"examples (shapes) or images (--folder) per forward (default: "
-                            f"{BenchmarkOptions.batch_size} for the shapes benchmark, {HarnessConfig.batch_size} with --folder)",
+                            f"{BenchmarkOptions.batch_size} for the shapes benchmark, {HarnessConfig.batch_size} with --folder, whose "
+                            "first batch is also the timed one)",
                        example="--batch-size 128"),
     "repeats": Flag(type=positive_int, metavar="N",
                     help=f"timed repeats per configuration, interleaved with the unreduced model (default: "
