@@ -20,7 +20,7 @@ from vtc.measure import compare
 from vtc.records import environment, write_records
 
 COLUMNS = ("model", "reducer", "tokens_out", "gflops", "flops_ratio", "latency_ms", "throughput_img_s", "speedup",
-           "top1_agreement", "kl", "cosine", "batch", "repeats", "device", "dtype")
+           "top1_agreement", "kl", "cosine", "batch", "warmup", "repeats", "device", "dtype")
 DESCRIPTION = f"""\
 Measure reducers on a vision encoder side by side with the unreduced model, timed in one
 interleaved loop: tokens leaving the encoder, analytic GFLOPs per image, latency and throughput,
@@ -114,7 +114,7 @@ def run_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             "latency_ms": f"{result.latency.median * 1e3:.3f}", "throughput_img_s": f"{result.throughput:.2f}",
             "speedup": f"{result.speedup:.3f}", "top1_agreement": f"{result.fidelity.top1_agreement:.4f}",
             "kl": f"{result.fidelity.kl:.6f}", "cosine": f"{result.fidelity.cosine:.6f}", "batch": args.batch,
-            "repeats": args.repeats, "device": args.device, "dtype": str(args.dtype).removeprefix("torch.")})
+            "warmup": args.warmup, "repeats": args.repeats, "device": args.device, "dtype": str(args.dtype).removeprefix("torch.")})
         row = records[-1]
         print(f"{spec:28s} tokens {row['tokens_out']:>4}  FLOPs x{row['flops_ratio']}  {row['throughput_img_s']} img/s  "
               f"speedup {row['speedup']}x  agreement {row['top1_agreement']}  cosine {row['cosine']}")
