@@ -253,7 +253,6 @@ def test_command_line_errors_are_clear(lmms_task, tmp_path, args, message):
 def test_model_errors_name_what_cannot_load(tmp_path):
     pytest.importorskip("lmms_eval")
     from vtc.lmms.model import VtcModel
-
     from vtc.models import zoo
 
     names = re.escape(", ".join(zoo.names()))
