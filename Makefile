@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vtc-installed
+# pytest workers (pytest-xdist; each file stays on one worker, so its module fixtures are built once)
+WORKERS ?= 2
 
 .PHONY: demo test clean
 
@@ -18,7 +20,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info
