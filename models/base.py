@@ -18,10 +18,16 @@ import torch
 from torch import nn
 
 from vtc.flops import counted_flops
+from vtc.models.packing import Packing
 from vtc.models.patching import InstancePatcher
 from vtc.models.zoo import CHECKPOINTS
 from vtc.sites import EncoderInfo, EncoderReducer, Reducer, Signal, Signals, Site
 from vtc.state import TokenState
+
+# How a batch with per-image token counts runs: "auto" packs its real tokens (attention "nested" on
+# CUDA, "split" elsewhere), "padded" runs every image at the batch's widest count, "split" and
+# "nested" pack with that attention backend (vtc.models.packing).
+EXECUTIONS = ("auto", "padded", "split", "nested")
 
 
 def checkpoint_name(source: str | None) -> str | None:
@@ -52,16 +58,19 @@ class EncoderAdapter:
     """Base of the encoder adapters; subclasses implement the family-specific pieces."""
 
     family: ClassVar[str]
-    options: ClassVar[dict[str, str]] = {}  # adapter options vtc.apply takes (name -> allowed values); none
+    options: ClassVar[dict[str, str]] = {"execution": " or ".join(EXECUTIONS)}  # what vtc.apply(..., **options) takes
     sites: ClassVar[tuple[Site, ...]] = (Site.ENCODER,)
 
     @classmethod
-    def build(cls, model: nn.Module, reducers: dict[Site, Reducer]) -> EncoderAdapter:
-        return cls(model, reducers.get(Site.ENCODER))
+    def build(cls, model: nn.Module, reducers: dict[Site, Reducer], execution: str = "auto") -> EncoderAdapter:
+        return cls(model, reducers.get(Site.ENCODER), execution=execution)
 
-    def __init__(self, model: nn.Module, reducer: EncoderReducer | None) -> None:
+    def __init__(self, model: nn.Module, reducer: EncoderReducer | None, execution: str = "auto") -> None:
+        if execution not in EXECUTIONS:
+            raise ValueError(f"execution must be one of {', '.join(EXECUTIONS)}, got {execution!r}")
         self.model = model
         self.reducer = reducer
+        self.execution = execution
         self.blocks: list[nn.Module] = list(self.find_blocks())
         for block in self.blocks:
             self.check_block(block)
@@ -230,22 +239,38 @@ class EncoderAdapter:
             out = original(x)
         else:
             needs = (self.reducer.needs_for(budget) if budget is not None else frozenset()) | extra
-            attn_out, signals = self.attention(block, self.pre_attention_norm(block, x), state.attention_bias(x.dtype), needs)
+            packing = self.packing(state)  # the batch's real tokens as one sequence, or None: as it is
+            h = x if packing is None else packing.pack(x)
+            keys = state.attention_bias(x.dtype) if packing is None else packing
+            attn_out, signals = self.attention(block, self.pre_attention_norm(block, h), keys, needs)
+            h = h + self.attention_residual(block, attn_out)
+            if packing is not None:
+                signals = packing.unpack_signals(signals)
             if extra:
                 self.signals[index] = signals
-            x = x + self.attention_residual(block, attn_out)
             if budget is not None:
                 before = state
-                state = self.reducer.reduce(state.replace(x=x), signals, budget, index)
-                x = state.x
+                state = self.reducer.reduce(state.replace(x=h if packing is None else packing.unpack(h)), signals, budget, index)
                 if extra:
                     self.signals[index] = self.carry_signals(signals, extra, before, state)
-            out = x + self.mlp_branch(block, x)
+                packing = self.packing(state)
+                h = state.x if packing is None else packing.pack(state.x)
+            h = h + self.mlp_branch(block, h)
+            out = h if packing is None else packing.unpack(h)
         self.state = state.replace(x=out)
         if index == len(self.blocks) - 1:
             self.token_counts.append(out.shape[1])
             self._image_counts.append(self.state.real_counts())
         return out
+
+    def packing(self, state: TokenState) -> Packing | None:
+        """How to run the real tokens of a batch with padding packed (None: run it as it is)."""
+        if state.valid is None or self.execution == "padded":
+            return None
+        bias = None
+        if state.prop_attn and state.size is not None:
+            bias = state.size.to(torch.promote_types(state.x.dtype, torch.float32)).log()
+        return Packing.of(state.valid, bias, backend="auto" if self.execution == "auto" else self.execution)
 
     @staticmethod
     def carry_signals(signals: Signals, extra: frozenset[Signal], before: TokenState, after: TokenState) -> Signals:

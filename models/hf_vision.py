@@ -36,9 +36,9 @@ def _vision_transformer(model: object) -> nn.Module | None:
 class HFVisionAdapter(EncoderAdapter):
     family = "hf"
 
-    def __init__(self, model, reducer):
+    def __init__(self, model, reducer, execution="auto"):
         self.vision = _vision_transformer(model)
-        super().__init__(model, reducer)
+        super().__init__(model, reducer, execution)
 
     @classmethod
     def accepts(cls, model: object) -> bool:

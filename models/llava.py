@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from vtc.models.base import EXECUTIONS
 from vtc.models.decoder import DecoderSite
 from vtc.models.llava_vision import LlavaTowerAdapter, VisualPipeline, VisualTokens
 from vtc.models.patching import InstancePatcher
@@ -47,17 +48,20 @@ class LlavaAdapter:
     family: ClassVar[str] = "llava"
     sites: ClassVar[tuple[Site, ...]] = (Site.ENCODER, Site.CONNECTOR, Site.DECODER)
     POSITIONS: ClassVar[tuple[str, ...]] = ("contiguous", "original")
-    options: ClassVar[dict[str, str]] = {"positions": " or ".join(POSITIONS)}  # what vtc.apply(..., **options) takes
+    # what vtc.apply(..., **options) takes; execution: the tower's, as for a bare encoder (vtc.models.base)
+    options: ClassVar[dict[str, str]] = {"positions": " or ".join(POSITIONS), "execution": " or ".join(EXECUTIONS)}
 
     @classmethod
     def accepts(cls, model: object) -> bool:
         return isinstance(model, _llava_classes())
 
     @classmethod
-    def build(cls, model: nn.Module, reducers: dict[Site, Reducer], positions: str = "contiguous") -> LlavaAdapter:
-        return cls(model, reducers, positions)
+    def build(cls, model: nn.Module, reducers: dict[Site, Reducer], positions: str = "contiguous",
+              execution: str = "auto") -> LlavaAdapter:
+        return cls(model, reducers, positions, execution)
 
-    def __init__(self, model: nn.Module, reducers: dict[Site, Reducer], positions: str = "contiguous") -> None:
+    def __init__(self, model: nn.Module, reducers: dict[Site, Reducer], positions: str = "contiguous",
+                 execution: str = "auto") -> None:
         from transformers import LlavaNextForConditionalGeneration
 
         if positions not in self.POSITIONS:
@@ -78,7 +82,8 @@ class LlavaAdapter:
                 f"{encoder.name}: this model concatenates vision layers {layers}, whose token counts an encoder "
                 f"reducer would make differ; use a connector reducer instead"
             )
-        self.tower = LlavaTowerAdapter(tower, encoder, max(self.feature_layers), getattr(self.config, "_name_or_path", None))
+        self.tower = LlavaTowerAdapter(tower, encoder, max(self.feature_layers), getattr(self.config, "_name_or_path", None),
+                                       execution)
         strategy = self.config.vision_feature_select_strategy
         if self.is_next and strategy != "default":
             raise ValueError(

@@ -42,10 +42,11 @@ class LlavaTowerAdapter(HFVisionAdapter):
 
     family = "llava tower"
 
-    def __init__(self, tower: nn.Module, reducer: EncoderReducer | None, num_run: int, model_id: str | None = None) -> None:
+    def __init__(self, tower: nn.Module, reducer: EncoderReducer | None, num_run: int, model_id: str | None = None,
+                 execution: str = "auto") -> None:
         self.num_run = num_run
         self.vlm_id = model_id
-        super().__init__(tower, reducer)
+        super().__init__(tower, reducer, execution)
 
     def model_id(self) -> str | None:
         return self.vlm_id

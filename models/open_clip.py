@@ -34,9 +34,9 @@ def _visual(model: object) -> nn.Module | None:
 class OpenCLIPAdapter(EncoderAdapter):
     family = "open_clip"
 
-    def __init__(self, model, reducer):
+    def __init__(self, model, reducer, execution="auto"):
         self.visual = _visual(model)
-        super().__init__(model, reducer)
+        super().__init__(model, reducer, execution)
 
     @classmethod
     def accepts(cls, model: object) -> bool:

@@ -28,17 +28,18 @@ import argparse
 import json
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import vtc
-from vtc.commands.common import device, positive_int, prepare_output
+from vtc.commands.common import device, non_negative_int, positive_int, prepare_output
 from vtc.data import shapes
 from vtc.data.training import pixels
-from vtc.dymu import PRESETS, calibrate, load_calibration, merge_schedule, token_counts
-from vtc.measure import time_calls
+from vtc.dymu import PRESETS, calibrate, load_calibration, merge_schedule
+from vtc.measure import analytic_flops, time_calls
 from vtc.measure_vlm import profile, time_stages
 from vtc.records import device_description
 
@@ -66,46 +67,102 @@ def presets_for(model, name: str | None, size: int, args) -> dict[str, tuple[flo
     return found
 
 
-def bench_vit(args) -> list[dict]:
+@dataclass
+class Encoder:
+    """A model whose encoder is timed: how to run it under a handle, and its adapter."""
+
+    label: str
+    model: torch.nn.Module
+    shipped: str | None  # zoo name whose calibrations are shipped, else None (calibrated here)
+    size: int  # input side in pixels
+    llava: bool  # a LLaVA, timed through its tower (DyMU without virtual unmerging)
+
+    def run(self, handle, images: torch.Tensor) -> None:
+        if self.llava:
+            handle.adapter.encode_pixels(images)
+        else:
+            self.model(images)
+
+    def adapter(self, handle):
+        """The encoder adapter of a handle (a LLaVA's tower)."""
+        return handle.adapter.tower if self.llava else handle.adapter
+
+
+def load_encoder(spec: str, args) -> Encoder:
+    """``timm:<name>``, ``tower:<shape>`` (the tower of a bench_llava.py LLaVA) or a shipped checkpoint."""
     import timm
 
     from vtc.models import zoo
 
-    if args.vit.startswith("timm:"):
-        model, name = timm.create_model(args.vit[5:], pretrained=args.pretrained), None
+    if spec.startswith("tower:"):
+        model = bench_llava.build_model(spec[6:], args.dtype, args.device, seed=0)
+        return Encoder(spec, model, None, bench_llava.IMAGE_SIZE, llava=True)
+    if spec.startswith("timm:"):
+        model, shipped = timm.create_model(spec[5:], pretrained=args.pretrained), None
     else:
-        ckpt = zoo.load(args.vit)
-        model, name = ckpt.model, ckpt.name
+        ckpt = zoo.load(spec)
+        model, shipped = ckpt.model, ckpt.name
     model = model.to(args.device, args.dtype).eval()
-    size = model.patch_embed.img_size[0]
-    thresholds = presets_for(model, name, size, args)
-    images = shapes_pixels("test", args.batch, size).to(args.device, args.dtype)
+    return Encoder(spec, model, shipped, model.patch_embed.img_size[0], llava=False)
+
+
+def bench_vit(args) -> list[dict]:
     rows = []
+    for spec in args.vit:
+        encoder = load_encoder(spec, args)
+        rows += bench_encoder(encoder, args)
+    return rows
+
+
+def bench_encoder(encoder: Encoder, args) -> list[dict]:
+    """Per preset: DyMU padded and packed against ToMe at the same mean count, one interleaved loop."""
+    model = encoder.model
+    thresholds = presets_for(model, encoder.shipped, encoder.size, args)
+    images = shapes_pixels("test", args.batch, encoder.size).to(args.device, args.dtype)
     with vtc.apply(model) as plain:
-        info = plain.adapter.info
+        info = encoder.adapter(plain).info
+        full_flops = analytic_flops(encoder.adapter(plain)).total
+    rows = []
     for preset, taus in thresholds.items():
-        dymu = vtc.DyMU(thresholds=taus)
-        counts = token_counts(model, dymu, images, batch_size=args.batch).float()
-        mean = counts.mean().item()
-        _, merges = merge_schedule(info, max(1.0, round(mean)), "constant", clamp=True)
+        dymu = vtc.DyMU(thresholds=taus, vtu="off")
+        with vtc.apply(model, dymu) as handle, torch.inference_mode():
+            encoder.run(handle, images)
+            adapter = encoder.adapter(handle)
+            per_image = adapter.image_token_counts
+            dymu_flops = statistics.fmean(analytic_flops(adapter, row.tolist()).total for row in per_image)
+        counts = (per_image[:, -1] - info.n_prefix).float()
+        _, merges = merge_schedule(info, max(1.0, round(counts.mean().item())), "constant", clamp=True)
         tome = vtc.ToMe(r=tuple(merges))
         with vtc.apply(model, tome) as handle, torch.inference_mode():
-            model(images)
+            encoder.run(handle, images)
             tome_tokens = handle.state.num_tokens - info.n_prefix
+            tome_flops = analytic_flops(encoder.adapter(handle), handle.token_counts).total
 
-        def under(reducer, batches):
+        def under(reducer, batches, execution="auto"):
             def call():
-                with vtc.apply(model, *([reducer] if reducer else [])):
-                    return [model(batch) for batch in batches]
+                with vtc.apply(model, *([reducer] if reducer else []), execution=execution) as handle, torch.inference_mode():
+                    for batch in batches:
+                        encoder.run(handle, batch)
             return call
 
-        row = {"preset": preset, "dymu_tokens_mean": mean, "dymu_tokens_std": counts.std().item(), "tome_tokens": tome_tokens}
-        for label, batches in (("batch", [images]), ("single", list(images[:args.singles].split(1)))):
-            full_t, dymu_t, tome_t = time_calls([under(None, batches), under(dymu, batches), under(tome, batches)],
-                                                warmup=1, repeats=args.repeats, device=images.device)
-            seen = sum(batch.shape[0] for batch in batches)
-            row.update({f"{label}_full_img_per_s": seen / full_t.median, f"{label}_dymu_img_per_s": seen / dymu_t.median,
-                        f"{label}_tome_img_per_s": seen / tome_t.median})
+        row = {"model": encoder.label, "preset": preset, "dymu_tokens_mean": counts.mean().item(),
+               "dymu_tokens_std": counts.std().item(), "dymu_tokens_max": int(counts.max()), "tome_tokens": tome_tokens,
+               "dymu_flops_cut": full_flops / dymu_flops, "tome_flops_cut": full_flops / tome_flops}
+        calls = [under(None, [images]), under(dymu, [images], "padded"), under(dymu, [images], "auto"), under(tome, [images])]
+        full_t, padded_t, packed_t, tome_t = time_calls(calls, warmup=1, repeats=args.repeats, device=images.device)
+        for label, timing in (("full", full_t), ("dymu_padded", padded_t), ("dymu_packed", packed_t), ("tome", tome_t)):
+            row[f"{label}_img_per_s"] = args.batch / timing.median
+        for label, timing, cut in (("dymu_padded", padded_t, row["dymu_flops_cut"]),
+                                   ("dymu_packed", packed_t, row["dymu_flops_cut"]), ("tome", tome_t, row["tome_flops_cut"])):
+            row[f"{label}_speedup"] = full_t.median / timing.median
+            row[f"{label}_efficiency"] = row[f"{label}_speedup"] / cut
+        row["packed_over_tome_efficiency"] = row["dymu_packed_efficiency"] / row["tome_efficiency"]
+        if args.singles:
+            singles = list(images[:args.singles].split(1))
+            timings = time_calls([under(None, singles), under(dymu, singles), under(tome, singles)], warmup=1,
+                                 repeats=args.repeats, device=images.device)
+            for label, timing in zip(("full", "dymu", "tome"), timings):
+                row[f"single_{label}_img_per_s"] = len(singles) / timing.median
         rows.append(row)
         print(rows[-1], flush=True)
     return rows
@@ -167,12 +224,14 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vit", default="shapes-vit", help="timm:<name> or a shipped checkpoint (default shapes-vit)")
+    parser.add_argument("--vit", nargs="+", default=["shapes-vit"], metavar="ENCODER",
+                        help="timm:<name>, tower:<shape> (a bench_llava.py LLaVA's tower) or a shipped checkpoint; "
+                             "several are run one after the other (default shapes-vit)")
     parser.add_argument("--llava", default="shapes-llava", help="scaled, 7b or a shipped checkpoint (default shapes-llava)")
     parser.add_argument("--skip", choices=("vit", "llava"), default=None)
     parser.add_argument("--pretrained", action="store_true", help="timm hub weights for --vit timm:<name>")
     parser.add_argument("--batch", type=positive_int, default=64, help="ViT images per batch")
-    parser.add_argument("--singles", type=positive_int, default=8, help="ViT images also timed one at a time")
+    parser.add_argument("--singles", type=non_negative_int, default=0, help="ViT images also timed one at a time (default 0: none)")
     parser.add_argument("--llava-batch", type=positive_int, default=1, help="LLaVA prompts per batch")
     parser.add_argument("--calibration-images", type=positive_int, default=512)
     parser.add_argument("--repeats", type=positive_int, default=5)
@@ -188,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     text = [setting]
     if args.skip != "vit":
         result["vit"] = bench_vit(args)
-        text += [f"\nViT {args.vit}, batch {args.batch}", table(result["vit"])]
+        text += [f"\nEncoders, batch {args.batch}", table(result["vit"])]
     if args.skip != "llava":
         result["llava"] = bench_llava_vtu(args)
         text += [f"\nLLaVA {args.llava}, batch {args.llava_batch}", table(result["llava"])]

@@ -228,6 +228,27 @@ def images(batch: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> tor
     return torch.randn(batch, 3, IMAGE, IMAGE, generator=generator).to(dtype)
 
 
+def varied_images(seed: int = 0) -> torch.Tensor:
+    """Images of decreasing redundancy: smooth, half smooth, noise (32 x 32, as IMAGE), which DyMU
+    reduces to three different counts. Smooth, not flat: exact duplicates put many edges at one
+    score, where the last bit of a padded batch's arithmetic could decide a tie at the threshold."""
+    noise = images(3, seed=seed)
+    coarse = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(seed + 100))
+    smooth = torch.nn.functional.interpolate(coarse, size=(IMAGE, IMAGE), mode="bilinear", align_corners=False)
+    half = noise[1].clone()
+    half[:, :, IMAGE // 2:] = smooth[1, :, :, IMAGE // 2:]
+    return torch.stack([smooth[0], half, noise[2]])
+
+
+def calibrated(model: nn.Module, target: str = "mid") -> tuple[float, ...]:
+    """DyMU thresholds calibrated on other images than :func:`varied_images` (on its own images a
+    calibrated threshold equals an edge's score, a tie that the last bit of arithmetic decides)."""
+    from vtc.dymu import calibrate
+
+    calibration = torch.cat([varied_images(seed) for seed in (11, 12)])
+    return tuple(calibrate(model, calibration, target, batch_size=3, progress=False).thresholds)
+
+
 def duplicate_pair_image(n_prefix: int, pair_starts, patch: int, dtype=torch.float64) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """An image whose patches repeat so that chosen ToMe (A, B) pairs are exact duplicates.
 

@@ -29,30 +29,11 @@ def models(tmp_path_factory):
     return fam.ModelCache(tmp_path_factory)
 
 
-def varied_images(seed: int = 0) -> torch.Tensor:
-    """Images of decreasing redundancy: smooth, half smooth, noise (32 x 32, as families.IMAGE).
-    Smooth, not flat: exact duplicates put many edges at one score, where the last bit of a
-    padded batch's arithmetic could decide a tie at the threshold."""
-    noise = fam.images(3, seed=seed)
-    coarse = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(seed + 100))
-    smooth = torch.nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False)
-    half = noise[1].clone()
-    half[:, :, 16:] = smooth[1, :, :, 16:]
-    return torch.stack([smooth[0], half, noise[2]])
-
-
-def calibrated(model, target="mid") -> tuple[float, ...]:
-    """Thresholds from other images than the tested ones (on its own images a calibrated threshold
-    equals an edge's score, a tie that the last bit of arithmetic decides)."""
-    images = torch.cat([varied_images(seed) for seed in (11, 12)])
-    return tuple(calibrate(model, images, target, batch_size=3, progress=False).thresholds)
-
-
 def test_threshold_one_is_the_unreduced_model(timm_vit, models):
     for model, forward in [(timm_vit("plain"), lambda m, x: m(x))] + [
         (models.get(f.name), f.forward) for f in FAMILIES
     ]:
-        x = varied_images()
+        x = fam.varied_images()
         with torch.no_grad():
             reference = forward(model, x)
             with vtc.apply(model, "dymu:thresholds=1.0") as handle:
@@ -67,7 +48,7 @@ def test_minus_one_in_one_layer_merges_the_most_it_allows(models, family):
     model = models.get(family.name)
     n0 = 64 + family.n_prefix
     with torch.no_grad(), vtc.apply(model, "dymu:thresholds=1;-1;1;1") as handle:
-        family.forward(model, varied_images())
+        family.forward(model, fam.varied_images())
         counts = handle.image_token_counts
     expected = n0 - (n0 - family.n_prefix) // 2
     assert counts[:, 1].tolist() == [n0] * 3 and counts[:, 2:].tolist() == [[expected] * 3] * 3
@@ -77,8 +58,8 @@ def test_minus_one_in_one_layer_merges_the_most_it_allows(models, family):
 @pytest.mark.parametrize("family", FAMILIES, ids=str)
 def test_batch_equals_single_runs_with_per_image_counts(models, family):
     model = models.get(family.name)
-    x = varied_images()
-    thresholds = calibrated(model)
+    x = fam.varied_images()
+    thresholds = fam.calibrated(model)
     with torch.no_grad(), vtc.apply(model, vtc.DyMU(thresholds=thresholds)) as handle:
         batched = family.forward(model, x)
         batch_counts = handle.image_token_counts
@@ -93,8 +74,8 @@ def test_batch_equals_single_runs_with_per_image_counts(models, family):
 
 def test_timm_batch_equals_single_runs_and_state_maps(timm_vit, tools):
     model = timm_vit("plain")
-    x = varied_images()
-    thresholds = calibrated(model)
+    x = fam.varied_images()
+    thresholds = fam.calibrated(model)
     with torch.no_grad(), vtc.apply(model, vtc.DyMU(thresholds=thresholds)) as handle:
         batched = model(x)
         state = handle.state
@@ -136,7 +117,7 @@ def test_batch_top_edges_select_exactly_b_times_r():
 def test_running_mean_over_batches(timm_vit):
     """A layer's threshold is the mean of its per-batch thresholds."""
     model = timm_vit("plain")
-    x = torch.cat([varied_images(seed) for seed in range(3)])
+    x = torch.cat([fam.varied_images(seed) for seed in range(3)])
     per_batch = []
     for batch in x.split(3):
         single = calibrate(model, batch, "mid", batch_size=3, progress=False)
@@ -158,7 +139,7 @@ def test_calibration_hits_its_target_within_five_percent(shapes_vit):
 
 def test_calibration_saves_loads_and_refuses_other_models(tmp_path, timm_vit, shapes_vit):
     model = timm_vit("plain")
-    result = calibrate(model, varied_images(), "high", batch_size=3, progress=False, held_out=varied_images(5))
+    result = calibrate(model, fam.varied_images(), "high", batch_size=3, progress=False, held_out=fam.varied_images(5))
     assert result.held_out is not None and result.held_out_std is not None
     folder = result.save(tmp_path / "cal")
     assert sorted(p.name for p in folder.iterdir()) == ["dymu.json", "thresholds.safetensors"]
@@ -166,7 +147,7 @@ def test_calibration_saves_loads_and_refuses_other_models(tmp_path, timm_vit, sh
         result.save(folder)
     loaded = load_calibration(folder)
     assert loaded.thresholds == result.thresholds and loaded.merges == result.merges
-    x = varied_images(7)
+    x = fam.varied_images(7)
     with torch.no_grad():
         with vtc.apply(model, vtc.DyMU(calibration=str(folder))):
             from_file = model(x)
@@ -205,11 +186,11 @@ def test_bad_input_gives_clear_errors(timm_vit):
     with pytest.raises(ValueError, match="no calibration ships"):
         vtc.apply(model, "dymu:preset=low")
     with pytest.raises(ValueError, match="outside 1..64"):
-        calibrate(model, varied_images(), 65, progress=False)
+        calibrate(model, fam.varied_images(), 65, progress=False)
     with pytest.raises(ValueError, match="vtu must be one of"):
         vtc.parse_reducer("dymu:thresholds=0.9,vtu=fast")
     with pytest.raises(TypeError, match="generator"):
-        calibrate(model, (x for x in [varied_images()]), "mid", progress=False)
+        calibrate(model, (x for x in [fam.varied_images()]), "mid", progress=False)
     with pytest.raises(FileNotFoundError, match="no DyMU calibration"):
         load_calibration("nowhere/low")
 
@@ -234,15 +215,15 @@ def test_calibrating_reducer_records_one_threshold_per_batch(timm_vit):
     model = timm_vit("plain")
     reducer = CalibrationRecorder(target="mid")
     with torch.no_grad(), vtc.apply(model, reducer):
-        model(varied_images())
-        model(varied_images(1))
+        model(fam.varied_images())
+        model(fam.varied_images(1))
     assert reducer.counts.tolist() == [2.0 if r else 0.0 for r in reducer.merges]
 
 
 def test_accelerate_single_process_matches_plain_calibration(timm_vit):
     accelerate = pytest.importorskip("accelerate")
     model = timm_vit("plain")
-    x = varied_images()
+    x = fam.varied_images()
     plain = calibrate(model, x, "mid", batch_size=3, progress=False)
     accelerated = calibrate(model, x, "mid", batch_size=3, progress=False, accelerator=accelerate.Accelerator(cpu=True))
     # one process: the reduction over processes is the identity, the same sums in the same order
@@ -258,13 +239,13 @@ def test_calibration_reloads_bit_identical(tmp_path, timm_vit):
     """Thresholds averaged over batches are float64 values float32 cannot hold; a saved and
     reloaded calibration gives them back bit for bit, and the same counts and outputs."""
     model = timm_vit("plain")
-    images = torch.cat([varied_images(seed) for seed in (11, 12)])
+    images = torch.cat([fam.varied_images(seed) for seed in (11, 12)])
     result = calibrate(model, images, "mid", batch_size=3, progress=False)
     as_float32 = torch.tensor(result.thresholds, dtype=torch.float32).double().tolist()
     assert _bits(as_float32) != _bits(result.thresholds), "the check needs a threshold float32 rounds"
     loaded = load_calibration(result.save(tmp_path / "cal"))
     assert _bits(loaded.thresholds) == _bits(result.thresholds)
-    x = torch.cat([varied_images(7), varied_images(8)])
+    x = torch.cat([fam.varied_images(7), fam.varied_images(8)])
     with torch.no_grad():
         with vtc.apply(model, vtc.DyMU(thresholds=tuple(result.thresholds))) as handle:
             in_memory, memory_counts = model(x), handle.image_token_counts
@@ -277,7 +258,7 @@ def test_an_edge_between_the_float32_and_float64_threshold_merges_before_and_aft
     """A threshold t64 whose float32 rounding is an edge's score s (t64 < s = fl32(t64)): the
     edge scores strictly above the threshold, so it merges, from memory and after reloading."""
     model = timm_vit("plain")
-    x = varied_images()[2:]  # the noise image: distinct edge scores
+    x = fam.varied_images()[2:]  # the noise image: distinct edge scores
     seen = {}
 
     class Recording(vtc.DyMU):
@@ -378,9 +359,9 @@ def test_threshold_matching_on_one_token_is_the_identity(n_prefix):
 
 def test_a_calibration_object_is_used_as_its_folder_is_and_realised_counts_it_so(tmp_path, timm_vit):
     model = timm_vit("plain")
-    result = calibrate(model, varied_images(), "mid", batch_size=3, cap=1.5, progress=False)
+    result = calibrate(model, fam.varied_images(), "mid", batch_size=3, cap=1.5, progress=False)
     assert result.cap == 1.5 and load_calibration(result.save(tmp_path / "cal")).cap == 1.5
-    x = varied_images()
+    x = fam.varied_images()
     with torch.no_grad():
         with vtc.apply(model, vtc.DyMU(calibration=result, cap=1.5)) as handle:
             from_object = model(x)
