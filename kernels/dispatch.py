@@ -47,7 +47,7 @@ def interpreting() -> bool:
 
     from vtc.kernels.matching_triton import best_match_kernel
 
-    return isinstance(best_match_kernel, InterpretedFunction)
+    return isinstance(best_match_kernel.fn, InterpretedFunction)  # the jitted function under the autotuner
 
 
 def use_triton(tensor: torch.Tensor) -> bool:

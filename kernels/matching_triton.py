@@ -5,16 +5,28 @@ tiles (dot products accumulated in float32 over channel chunks), scales by the i
 keeps the running row max and its index in registers. Same contract as
 :func:`vtc.kernels.matching.bipartite_match_reference`: protected prefix rows/columns and padding
 score ``-inf``; exact ties go to the lowest B index (tiles are visited in order and a later tile
-must be strictly better; inside a tile ``argmax`` breaks ties to the left).
+must be strictly better; inside a tile ``argmax`` breaks ties to the left). Tile sizes are
+autotuned per shape (:data:`MATCH_CONFIGS`); the interpreter gets one small configuration.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+# (A rows, B columns, channels) per tile, warps, pipeline stages
+MATCH_CONFIGS = [triton.Config({"BLOCK_A": 32, "BLOCK_B": 32, "BLOCK_D": 32}, num_warps=4)] if (
+    os.environ.get("TRITON_INTERPRET") == "1") else [
+    triton.Config({"BLOCK_A": a, "BLOCK_B": b, "BLOCK_D": d}, num_warps=warps, num_stages=stages)
+    for a, b, d, warps, stages in ((64, 64, 64, 4, 2), (32, 64, 64, 4, 2), (64, 32, 64, 4, 2), (128, 64, 32, 8, 2),
+                                   (64, 64, 32, 4, 3), (32, 32, 64, 2, 2))
+]
 
+
+@triton.autotune(configs=MATCH_CONFIGS, key=["N_A", "D", "HAS_VALID", "NATIVE_DOT"])
 @triton.jit
 def best_match_kernel(
     metric_ptr, inv_norm_ptr, valid_ptr, score_ptr, index_ptr,
@@ -75,13 +87,10 @@ def bipartite_match_triton(
     score = torch.empty(batch, n_a, device=metric.device, dtype=torch.float32)
     index = torch.empty(batch, n_a, device=metric.device, dtype=torch.long)
     valid_arg = valid.to(torch.int8).contiguous() if valid is not None else inv_norm
-    block = 32 if interpreted else 64
-    grid = (batch, triton.cdiv(n_a, block))
-    best_match_kernel[grid](
+    best_match_kernel[lambda meta: (batch, triton.cdiv(n_a, meta["BLOCK_A"]))](
         metric, inv_norm, valid_arg, score, index,
         n, d, n_a, n_b, metric.stride(0), metric.stride(1), metric.stride(2), (n_prefix + 1) // 2, n_prefix // 2,
         HAS_VALID=valid is not None,
         NATIVE_DOT=metric.dtype in (torch.float16, torch.bfloat16) and not interpreted,
-        BLOCK_A=block, BLOCK_B=block, BLOCK_D=block,
     )
     return score, index

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from vtc.kernels.dispatch import interpreting, use_triton
+from vtc.kernels.dispatch import use_triton
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -27,7 +27,7 @@ def merge_weighted(
     if x.dtype in TRITON_DTYPES and use_triton(x):
         from vtc.kernels.merge_triton import merge_weighted_triton
 
-        return merge_weighted_triton(x, size, dest, n_out, interpreting())
+        return merge_weighted_triton(x, size, dest, n_out)
     return merge_weighted_reference(x, size, dest, n_out)
 
 
@@ -62,3 +62,15 @@ def merge_weighted_reference(
     new_size = weight.new_zeros(batch, n_out).scatter_add_(1, dest, weight)
     mean = sums / new_size.clamp_min(torch.finfo(acc).tiny).unsqueeze(-1)  # empty slots: 0 / tiny = 0
     return mean.to(x.dtype), new_size
+
+
+def slot_order(dest: torch.Tensor, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton merge's preparation: (order, offsets), the token indices (flat over the batch)
+    stably sorted by destination slot, and the CSR offsets of every slot's run in ``order``.
+    ``scripts/bench_kernels.py`` times it alone against the whole merge step."""
+    batch = dest.shape[0]
+    key = (dest + torch.arange(batch, device=dest.device)[:, None] * n_out).flatten()
+    order = torch.argsort(key, stable=True)
+    offsets = torch.zeros(batch * n_out + 1, device=dest.device, dtype=torch.long)
+    offsets[1:] = torch.bincount(key, minlength=batch * n_out).cumsum(0)
+    return order, offsets

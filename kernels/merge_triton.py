@@ -3,16 +3,30 @@
 No atomics: the wrapper sorts token indices by destination slot (a stable sort, so the sources of
 a slot are visited in increasing index order), and each program reads its slot's sources, sums
 ``size * x`` and ``size`` in float32 and writes the average once. Results are therefore identical
-between runs. Same contract as :func:`vtc.kernels.merge.merge_weighted_reference`.
+between runs (whichever block size the autotuner picks: each channel's sum has the same order).
+Same contract as :func:`vtc.kernels.merge.merge_weighted_reference`.
+
+Block sizes are autotuned per channel count (:data:`MERGE_CONFIGS`); Triton's CPU interpreter gets
+one small configuration, so tests never benchmark.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+from vtc.kernels.merge import slot_order
 
+# (channels per program, warps): wide blocks for few, long rows; narrow ones keep more programs busy
+MERGE_CONFIGS = [triton.Config({"BLOCK_C": 64}, num_warps=1)] if os.environ.get("TRITON_INTERPRET") == "1" else [
+    triton.Config({"BLOCK_C": block}, num_warps=warps) for block, warps in ((128, 1), (128, 2), (256, 2), (256, 4), (512, 4))
+]
+
+
+@triton.autotune(configs=MERGE_CONFIGS, key=["C", "HAS_SIZE"])
 @triton.jit
 def merge_kernel(
     x_ptr, size_ptr, order_ptr, offsets_ptr, out_ptr, out_size_ptr,
@@ -43,23 +57,18 @@ def merge_kernel(
 
 
 def merge_weighted_triton(
-    x: torch.Tensor, size: torch.Tensor | None, dest: torch.Tensor, n_out: int, interpreted: bool
+    x: torch.Tensor, size: torch.Tensor | None, dest: torch.Tensor, n_out: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch :func:`merge_kernel`; sizes come back in float32."""
     batch, n, channels = x.shape
     x = x.contiguous() if x.stride(-1) != 1 else x
-    key = (dest + torch.arange(batch, device=dest.device)[:, None] * n_out).flatten()
-    order = torch.argsort(key, stable=True)
-    offsets = torch.zeros(batch * n_out + 1, device=x.device, dtype=torch.long)
-    offsets[1:] = torch.bincount(key, minlength=batch * n_out).cumsum(0)
+    order, offsets = slot_order(dest, n_out)
     out = torch.empty(batch, n_out, channels, device=x.device, dtype=x.dtype)
     out_size = torch.empty(batch, n_out, device=x.device, dtype=torch.float32)
     size_arg = size.contiguous() if size is not None else out_size
-    block = 64 if interpreted else 128
-    grid = (batch * n_out, triton.cdiv(channels, block))
-    merge_kernel[grid](
+    merge_kernel[lambda meta: (batch * n_out, triton.cdiv(channels, meta["BLOCK_C"]))](
         x, size_arg, order, offsets, out, out_size,
         n, channels, n_out, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        HAS_SIZE=size is not None, BLOCK_C=block,
+        HAS_SIZE=size is not None,
     )
     return out, out_size

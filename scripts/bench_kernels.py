@@ -11,6 +11,10 @@ size-weighted merge of ``x``. For each (B, N, C) the script times, interleaved i
   ``scatter_reduce``), written here from the paper's description (ToMe paper, Bolya et al.,
   ICLR 2023, Sec. 3, "Bipartite Soft Matching").
 
+For the fastest path (Triton on a GPU, else the reference) it also times the merge call alone
+and the slot sort + bincount the Triton merge runs before its kernel (``slot_order``), and
+reports that step's share of the whole merge step: what folding it into the kernel could save.
+
 It prints milliseconds, the memory traffic each step needs at the least (read the metric and
 ``x`` and sizes once, write the merged tokens once) divided by the time, and on a GPU that rate as
 a fraction of the device's peak bandwidth (``--peak-gbs``, or a table of known devices).
@@ -30,6 +34,7 @@ import torch
 
 from vtc.commands.common import prepare_output
 from vtc.kernels import merge_weighted, triton_available, use_backend
+from vtc.kernels.merge import slot_order
 from vtc.measure import time_calls
 from vtc.merge import bipartite_soft_matching
 from vtc.records import device_description
@@ -99,11 +104,18 @@ def measure_shape(shape: tuple[int, int, int], r_fraction: float, dtype: torch.d
 
     calls = {"tome": lambda: tome_step(x, size, r), "reference": with_backend("reference")}
     difference = None
-    if device.type == "cuda" and triton_available():
+    fused = device.type == "cuda" and triton_available()
+    if fused:
         calls["triton"] = with_backend("triton")
         with torch.inference_mode():
             difference = (calls["triton"]()[0].float() - calls["reference"]()[0].float()).abs().max().item()
+    best = "triton" if fused else "reference"
+    dest, n_out = bipartite_soft_matching(x, r, n_prefix=1)
+    # the fused merge's parts: the slot sort + bincount its wrapper runs first, and the whole merge call
+    calls["slot_order"] = lambda: slot_order(dest, n_out)
+    calls["merge"] = lambda: with_backend_call(best, lambda: merge_weighted(x, size, dest, n_out))
     timings = dict(zip(calls, time_calls(list(calls.values()), warmup=warmup, repeats=repeats, device=device)))
+    parts = {name: timings.pop(name) for name in ("slot_order", "merge")}
     moved = least_bytes(batch, n, channels, r, x.element_size())
     rows = []
     for name, timing in timings.items():
@@ -112,8 +124,16 @@ def measure_shape(shape: tuple[int, int, int], r_fraction: float, dtype: torch.d
                      "fraction_of_peak": None if peak is None else gbs / peak,
                      "speedup_vs_tome": speedup_spread(timings["tome"].samples, timing.samples).median,
                      "speedup_vs_reference": speedup_spread(timings["reference"].samples, timing.samples).median,
-                     "max_abs_diff_to_reference": difference if name == "triton" else None})
+                     "max_abs_diff_to_reference": difference if name == "triton" else None,
+                     "merge_ms": parts["merge"].median * 1e3 if name == best else None,
+                     "slot_order_ms": parts["slot_order"].median * 1e3 if name == best else None,
+                     "slot_order_share_of_step": parts["slot_order"].median / timing.median if name == best else None})
     return rows
+
+
+def with_backend_call(name: str, fn):
+    with use_backend(name):
+        return fn()
 
 
 def main(argv: list[str] | None = None) -> int:

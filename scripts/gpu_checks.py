@@ -5,13 +5,16 @@ Sections (``--sections``, all by default), each under its own time budget; a sec
 runs past its budget is recorded with its error and the others still run:
 
 - ``kernels``: one ToMe merge step (r = N/8) at (64, 577, 1024) and (64, 197, 768) in bf16:
-  vtc's PyTorch reference, vtc's Triton kernels and ToMe's formulation, timed interleaved, with the
-  least bytes a fused step moves over the time as a fraction of the GPU's peak HBM bandwidth, and
-  the Triton output's largest difference from the reference (``scripts/bench_kernels.py``'s steps).
+  vtc's PyTorch reference, vtc's Triton kernels (autotuned) and ToMe's formulation, timed
+  interleaved, with the least bytes a fused step moves over the time as a fraction of the GPU's
+  peak HBM bandwidth, the Triton output's largest difference from the reference, and the share of
+  the step spent in the merge's slot sort + bincount (``scripts/bench_kernels.py``'s steps).
 - ``vit``: timm ``vit_base_patch16_224`` (random weights, bf16) at batch 64 on shapes-benchmark
   test images: images/s unreduced, ToMe r=13 and DyMU calibrated (on shapes train images) to the
-  patch tokens ToMe r=13 leaves (so both merge ~13 tokens a layer on average), each on its own
-  copy of the model, timed interleaved; tokens per layer and analytic FLOPs per image.
+  patch tokens ToMe r=13 leaves (so both merge ~13 tokens a layer on average), DyMU both padded
+  and packed (nested-tensor attention), each on its own copy of the model, timed interleaved;
+  tokens per layer, analytic FLOPs per image (each at its own counts) and efficiency (speedup
+  over FLOPs cut).
 - ``llava_prefill``: the LLaVA-1.5-7B-shaped model of ``scripts/bench_llava.py`` (random weights,
   bf16), batch 8, at 576 / 192 / 64 visual tokens (``pool`` at the connector): prefill FLOPs
   (counted and analytic), vision and prefill milliseconds, achieved prefill TFLOP/s, the speedup of
@@ -151,7 +154,8 @@ def check_kernels(plan: Plan, device: torch.device, shared: dict) -> dict:
     best = "triton" if fused else "reference"
     parts = [f"{row['shape']} {best} {row['ms']:.3g} ms" + ("" if row["fraction_of_peak"] is None else
                                                              f" ({row['fraction_of_peak']:.0%} of peak HBM)")
-             + f", {row['speedup_vs_tome']:.2f}x ToMe's" for row in rows if row["path"] == best]
+             + f", {row['speedup_vs_tome']:.2f}x ToMe's, slot sort {row['slot_order_share_of_step']:.0%} of it"
+             for row in rows if row["path"] == best]
     return {"rows": rows, "peak_gbs": peak, "triton": fused, "headline": "; ".join(parts)}
 
 
@@ -169,12 +173,14 @@ def check_vit(plan: Plan, device: torch.device, shared: dict) -> dict:
         model(images)
         tome_tokens = patch_tokens(handle)[0]
     calibration = calibrate(model, train, float(tome_tokens), batch_size=plan.vit_batch, clamp=True, progress=False)
-    configs = {"unreduced": None, f"tome r={TOME_R}": f"tome:r={TOME_R}", "dymu": vtc.DyMU(calibration=calibration)}
+    dymu = vtc.DyMU(calibration=calibration)
+    configs = {"unreduced": (None, "auto"), f"tome r={TOME_R}": (f"tome:r={TOME_R}", "auto"), "dymu padded": (dymu, "padded"),
+               "dymu packed": (dymu, "auto")}  # auto: nested-tensor attention on CUDA
     copies, handles, rows = {}, {}, []
     try:
-        for label, reducer in configs.items():
+        for label, (reducer, execution) in configs.items():
             copies[label] = copy.deepcopy(model)
-            handles[label] = vtc.apply(copies[label], *([reducer] if reducer is not None else []))
+            handles[label] = vtc.apply(copies[label], *([reducer] if reducer is not None else []), execution=execution)
         counts = {}
         with torch.inference_mode():
             for label, handle in handles.items():
@@ -194,11 +200,12 @@ def check_vit(plan: Plan, device: torch.device, shared: dict) -> dict:
     base = timings[0]
     for label, timing in zip(configs, timings):
         spread = speedup_spread(base.samples, timing.samples)
+        reduction = counts["unreduced"]["gflops_per_image"] / counts[label]["gflops_per_image"]
         rows.append({"reducer": label, **counts[label], "ms": timing.median * 1e3, "img_per_s": plan.vit_batch / timing.median,
-                     "speedup": spread.median, "speedup_iqr": [spread.q1, spread.q3],
-                     "flops_reduction": counts["unreduced"]["gflops_per_image"] / counts[label]["gflops_per_image"]})
-    headline = ", ".join(f"{row['reducer']} {row['img_per_s']:.4g} img/s ({row['speedup']:.2f}x, "
-                         f"{row['patch_tokens_out']:.1f} tokens out)" for row in rows)
+                     "speedup": spread.median, "speedup_iqr": [spread.q1, spread.q3], "flops_reduction": reduction,
+                     "efficiency": spread.median / reduction})  # speedup per FLOPs cut (each image counted alone)
+    headline = ", ".join(f"{row['reducer']} {row['img_per_s']:.4g} img/s ({row['speedup']:.2f}x, efficiency "
+                         f"{row['efficiency']:.2f}, {row['patch_tokens_out']:.1f} tokens out)" for row in rows)
     shrunk = ", ".join(f"{key}={value}" for key, value in plan.vit_overrides.items())
     return {"rows": rows, "model": f"timm {VIT} (random weights{', ' + shrunk if shrunk else ''})",
             "batch": plan.vit_batch, "dymu_target": tome_tokens, "dymu_realised_on_train": calibration.realised,
@@ -279,9 +286,9 @@ def run_section(name: str, plan: Plan, device: torch.device, shared: dict) -> di
 # ----- outputs -------------------------------------------------------------------------------------
 TABLE_COLUMNS = {
     "kernels": ["shape", "r", "path", "ms", "gb_per_s", "fraction_of_peak", "speedup_vs_tome", "speedup_vs_reference",
-                "max_abs_diff_to_reference"],
+                "max_abs_diff_to_reference", "merge_ms", "slot_order_ms", "slot_order_share_of_step"],
     "vit": ["reducer", "patch_tokens_out", "patch_tokens_out_std", "mean_tokens_per_layer", "padded_tokens_out", "gflops_per_image",
-            "flops_reduction", "ms", "img_per_s", "speedup", "speedup_iqr"],
+            "flops_reduction", "ms", "img_per_s", "speedup", "speedup_iqr", "efficiency"],
     "llava_prefill": ["reducer", "visual_tokens", "prompt_tokens", "prefill_gflops", "prefill_flops_measured_over_predicted",
                       "vision_ms", "prefill_ms", "prefill_tflop_s", "vision_prefill_speedup", "vision_prefill_speedup_iqr",
                       "prefill_flops_reduction", "kv_cache_mib", "peak_memory_mib"],

@@ -49,10 +49,16 @@ def test_dry_run_reports_every_section(gpu_checks, tmp_path):
     assert all(row["speedup_vs_reference"] == 1.0 for row in kernels if row["path"] == "reference")
 
     vit = {row["reducer"]: row for row in sections["vit"]["rows"]}
-    assert list(vit) == ["unreduced", "tome r=13", "dymu"]
+    assert list(vit) == ["unreduced", "tome r=13", "dymu padded", "dymu packed"]
     assert vit["unreduced"]["patch_tokens_out"] == 16 and vit["unreduced"]["speedup"] == 1.0  # 64 px / 16 px patches
     assert vit["tome r=13"]["patch_tokens_out"] == sections["vit"]["dymu_target"] < 16
-    assert vit["dymu"]["patch_tokens_out"] < 16 and vit["dymu"]["flops_reduction"] > 1
+    for label in ("dymu padded", "dymu packed"):
+        assert vit[label]["patch_tokens_out"] < 16 and vit[label]["flops_reduction"] > 1
+        assert vit[label]["efficiency"] == vit[label]["speedup"] / vit[label]["flops_reduction"]
+    assert vit["dymu packed"]["patch_tokens_out"] == vit["dymu padded"]["patch_tokens_out"]
+    best = [row for row in kernels if row["path"] == "reference"]  # the fastest path on the CPU: its parts are timed
+    assert all(row["merge_ms"] > 0 and 0 < row["slot_order_share_of_step"] for row in best)
+    assert all(row["merge_ms"] is None for row in kernels if row["path"] != "reference")
     assert all(row["img_per_s"] > 0 and row["mean_tokens_per_layer"] > 0 for row in vit.values())
 
     prefill = sections["llava_prefill"]["rows"]

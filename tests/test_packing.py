@@ -4,6 +4,11 @@ with each attention backend."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
 import families as fam
 import llava_models as lm
 import pytest
@@ -185,3 +190,26 @@ def test_execution_option_is_checked(timm_vit, llava):
     for model in (timm_vit("plain"), llava[0]):
         with pytest.raises(ValueError, match="execution must be one of auto, padded, split, nested"):
             vtc.apply(model, "dymu:thresholds=0.5", execution="packed")
+
+
+def test_bench_dymu_times_padded_and_packed_beside_tome(tmp_path, monkeypatch):
+    """scripts/bench_dymu.py's encoder rows (a real-size timm ViT with random weights, tiny batch):
+    one row per preset with both executions, efficiencies as speedup over FLOPs cut."""
+    path = Path(__file__).parents[1] / "scripts" / "bench_dymu.py"
+    spec = importlib.util.spec_from_file_location("bench_dymu_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclass looks the module up
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench"
+    assert bench.main(["--vit", "timm:vit_tiny_patch16_224", "--skip", "llava", "--batch", "4", "--repeats", "1",
+                       "--calibration-images", "8", "--out", str(out)]) == 0
+    rows = json.loads((out / "bench_dymu.json").read_text())["vit"]
+    assert [row["preset"] for row in rows] == ["low", "mid", "high"]
+    for row in rows:
+        assert row["model"] == "timm:vit_tiny_patch16_224" and row["tome_tokens"] == round(row["dymu_tokens_mean"])
+        assert row["dymu_flops_cut"] > 1 and row["tome_flops_cut"] > 1
+        for label in ("dymu_padded", "dymu_packed", "tome"):
+            cut = row["tome_flops_cut"] if label == "tome" else row["dymu_flops_cut"]
+            assert row[f"{label}_efficiency"] == row[f"{label}_speedup"] / cut
+        assert row["packed_over_tome_efficiency"] == row["dymu_packed_efficiency"] / row["tome_efficiency"]
+    assert "| timm:vit_tiny_patch16_224 | low |" in (out / "bench_dymu.md").read_text()

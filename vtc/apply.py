@@ -109,7 +109,9 @@ def _differences(counts: list[int]) -> list[int]:
 def apply(model: nn.Module, *reducers: Reducer | str, **options) -> Handle:
     """Patch ``model`` (this instance only) with ``reducers`` given as objects or spec strings.
 
-    ``options`` go to the model's adapter (a LLaVA takes ``positions="contiguous"|"original"``).
+    ``options`` go to the model's adapter: every adapter takes ``execution="auto"|"padded"|"split"|"nested"``
+    (how a batch with per-image token counts runs, ``vtc.models.packing``: ``auto`` packs its real
+    tokens), a LLaVA also ``positions="contiguous"|"original"``.
 
     Each reducer acts at the site it names (or its preferred site the model has). Several encoder
     reducers share the blocks at disjoint layers (:class:`vtc.chain.EncoderChain`); several
