@@ -9,6 +9,9 @@ runs past its budget is recorded with its error and the others still run:
   interleaved, with the least bytes a fused step moves over the time as a fraction of the GPU's
   peak HBM bandwidth, the Triton output's largest difference from the reference, and the share of
   the step spent in the merge's slot sort + bincount (``scripts/bench_kernels.py``'s steps).
+- ``varlen``: block-diagonal attention of a packed batch (64 images of 25-197 tokens, ViT-B heads,
+  bf16): padded SDPA, one SDPA per image, nested-tensor SDPA and compiled FlexAttention
+  (``scripts/bench_varlen.py``), which says whether packed execution's CUDA default is the right one.
 - ``vit``: timm ``vit_base_patch16_224`` (random weights, bf16) at batch 64 on shapes-benchmark
   test images: images/s unreduced, ToMe r=13 and DyMU calibrated (on shapes train images) to the
   patch tokens ToMe r=13 leaves (so both merge ~13 tokens a layer on average), DyMU both padded
@@ -65,8 +68,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_dymu  # noqa: E402  (shapes images for the ViT)
 import bench_kernels  # noqa: E402  (the merge steps and the bandwidth arithmetic)
 import bench_llava  # noqa: E402  (the 7B-shaped LLaVA and the end-to-end rows)
+import bench_varlen  # noqa: E402  (the block-diagonal attention backends)
 
-SECTIONS = ("kernels", "vit", "llava_prefill", "llava_e2e")
+SECTIONS = ("kernels", "varlen", "vit", "llava_prefill", "llava_e2e")
 DTYPE = torch.bfloat16
 R_FRACTION = 0.125  # merges per kernel step, as in bench_kernels.py
 TOME_R = 13
@@ -80,6 +84,10 @@ class Plan:
     kernel_shapes: list[tuple[int, int, int]]
     kernel_warmup: int
     kernel_repeats: int
+    varlen_images: int
+    varlen_longest: int
+    varlen_heads: int
+    varlen_flex: bool
     vit_overrides: dict  # timm.create_model keyword arguments (the dry run's tiny ViT)
     vit_batch: int
     calibration_images: int
@@ -100,18 +108,21 @@ class Plan:
 
 FULL = Plan(
     kernel_shapes=[(64, 577, 1024), (64, 197, 768)], kernel_warmup=3, kernel_repeats=20,
+    varlen_images=64, varlen_longest=197, varlen_heads=12, varlen_flex=True,
     vit_overrides={}, vit_batch=64, calibration_images=256, vit_warmup=3, vit_repeats=20,
     llava_shape="7b", prefill_batch=8, prefill_tokens=[576, 192, 64], prefill_warmup=1, prefill_repeats=5,
     e2e_batches=[1, 8], e2e_tokens=[64, 144, 192], new_tokens=32, e2e_warmup=1, e2e_repeats=5,
-    budgets={"kernels": 60, "vit": 90, "llava_prefill": 150, "llava_e2e": 150},
+    budgets={"kernels": 50, "varlen": 30, "vit": 90, "llava_prefill": 150, "llava_e2e": 150},  # 470 s at most
 )
 DRY = Plan(
     kernel_shapes=[(2, 33, 16), (2, 17, 8)], kernel_warmup=1, kernel_repeats=2,
+    varlen_images=4, varlen_longest=9, varlen_heads=2, varlen_flex=False,
     vit_overrides=dict(img_size=64, depth=2, embed_dim=32, num_heads=2, num_classes=10), vit_batch=4,
     calibration_images=8, vit_warmup=1, vit_repeats=2,
     llava_shape="tiny", prefill_batch=2, prefill_tokens=[576, 192, 64], prefill_warmup=0, prefill_repeats=1,
     e2e_batches=[1, 2], e2e_tokens=[64, 144, 192], new_tokens=4, e2e_warmup=0, e2e_repeats=1,
-    budgets={"kernels": 1800, "vit": 1800, "llava_prefill": 1800, "llava_e2e": 1800},  # seconds of work; loose for a busy CPU
+    # seconds of work; loose for a busy CPU
+    budgets={"kernels": 1800, "varlen": 1800, "vit": 1800, "llava_prefill": 1800, "llava_e2e": 1800},
 )
 
 
@@ -157,6 +168,15 @@ def check_kernels(plan: Plan, device: torch.device, shared: dict) -> dict:
              + f", {row['speedup_vs_tome']:.2f}x ToMe's, slot sort {row['slot_order_share_of_step']:.0%} of it"
              for row in rows if row["path"] == best]
     return {"rows": rows, "peak_gbs": peak, "triton": fused, "headline": "; ".join(parts)}
+
+
+def check_varlen(plan: Plan, device: torch.device, shared: dict) -> dict:
+    lengths = bench_varlen.spread_lengths(plan.varlen_images, min(25, plan.varlen_longest), plan.varlen_longest)
+    rows = bench_varlen.measure(lengths, plan.varlen_heads, 64, DTYPE, device, plan.kernel_warmup, plan.kernel_repeats,
+                                flex=plan.varlen_flex)
+    headline = ", ".join(f"{row['backend']} {row['ms']:.3g} ms ({row['speedup_vs_padded']:.2f}x padded)" for row in rows)
+    return {"rows": rows, "model": f"{len(lengths)} images of {min(lengths)}-{max(lengths)} tokens, {plan.varlen_heads} heads x 64",
+            "headline": headline}
 
 
 def check_vit(plan: Plan, device: torch.device, shared: dict) -> dict:
@@ -260,7 +280,7 @@ def check_llava_e2e(plan: Plan, device: torch.device, shared: dict) -> dict:
 
 
 CHECKS: dict[str, Callable[[Plan, torch.device, dict], dict]] = {
-    "kernels": check_kernels, "vit": check_vit, "llava_prefill": check_llava_prefill, "llava_e2e": check_llava_e2e,
+    "kernels": check_kernels, "varlen": check_varlen, "vit": check_vit, "llava_prefill": check_llava_prefill, "llava_e2e": check_llava_e2e,
 }
 
 
@@ -287,6 +307,7 @@ def run_section(name: str, plan: Plan, device: torch.device, shared: dict) -> di
 TABLE_COLUMNS = {
     "kernels": ["shape", "r", "path", "ms", "gb_per_s", "fraction_of_peak", "speedup_vs_tome", "speedup_vs_reference",
                 "max_abs_diff_to_reference", "merge_ms", "slot_order_ms", "slot_order_share_of_step"],
+    "varlen": ["backend", "images", "tokens", "widest", "ms", "speedup_vs_padded", "max_abs_diff_to_padded", "compile_s"],
     "vit": ["reducer", "patch_tokens_out", "patch_tokens_out_std", "mean_tokens_per_layer", "padded_tokens_out", "gflops_per_image",
             "flops_reduction", "ms", "img_per_s", "speedup", "speedup_iqr", "efficiency"],
     "llava_prefill": ["reducer", "visual_tokens", "prompt_tokens", "prefill_gflops", "prefill_flops_measured_over_predicted",

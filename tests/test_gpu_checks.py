@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import tolerance
 import torch
 
 
@@ -68,6 +69,14 @@ def test_dry_run_reports_every_section(gpu_checks, tmp_path):
     flops, kv = [row["prefill_gflops"] for row in prefill], [row["kv_cache_mib"] for row in prefill]
     assert flops == sorted(flops, reverse=True) and kv == sorted(kv, reverse=True)
     assert prefill[0]["vision_prefill_speedup"] == 1.0 and prefill[2]["prefill_flops_reduction"] > 5
+
+    varlen = sections["varlen"]["rows"]  # no FlexAttention in the dry run (it compiles)
+    assert [row["backend"] for row in varlen] == ["padded", "split", "nested"]
+    assert all(row["tokens"] == varlen[0]["tokens"] and row["widest"] == 9 and row["ms"] > 0 for row in varlen)
+    # bfloat16 (the script's dtype): 64-term logits, softmax over at most 9 keys, outputs bounded by |v|
+    # (standard normal: below 5); float32 agreement is tests/test_packing.py's
+    bound = tolerance.tolerance(gpu_checks.DTYPE, terms=64 + 9, scale=5.0)
+    assert all(row["max_abs_diff_to_padded"] <= bound for row in varlen)
 
     e2e = sections["llava_e2e"]["rows"]
     assert [(row["batch"], row["visual_tokens"]) for row in e2e] == [(b, k) for b in (1, 2) for k in (576, 64, 144, 192)]
