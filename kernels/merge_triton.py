@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vtc.kernels.merge import slot_order
+from vtc.kernels.slots import slot_order
 
 # (channels per program, warps): wide blocks for few, long rows; narrow ones keep more programs busy
 MERGE_CONFIGS = [triton.Config({"BLOCK_C": 64}, num_warps=1)] if os.environ.get("TRITON_INTERPRET") == "1" else [

@@ -34,7 +34,7 @@ import torch
 
 from vtc.commands.common import prepare_output
 from vtc.kernels import merge_weighted, triton_available, use_backend
-from vtc.kernels.merge import slot_order
+from vtc.kernels.slots import slot_order
 from vtc.measure import time_calls
 from vtc.merge import bipartite_soft_matching
 from vtc.records import device_description
