@@ -62,4 +62,3 @@ def merge_weighted_reference(
     new_size = weight.new_zeros(batch, n_out).scatter_add_(1, dest, weight)
     mean = sums / new_size.clamp_min(torch.finfo(acc).tiny).unsqueeze(-1)  # empty slots: 0 / tiny = 0
     return mean.to(x.dtype), new_size
-

@@ -6,19 +6,22 @@ Images are shapes-benchmark test images (calibration on train images), resized t
 input, so token counts follow their content. Models without shipped calibrations are calibrated
 here first (``vtc.dymu.calibrate`` at each preset's target; random weights unless --pretrained).
 
-ViT (``--vit``): per preset, DyMU's mean ± std patch tokens leaving the encoder; ToMe with a
-per-layer ``r`` giving the same mean (constant, with the merges a late layer cannot make moved to
-earlier layers by ``merge_schedule(..., clamp=True)``); images/s of the unreduced model, DyMU (a
-padded batch: every image pays the batch's widest sequence) and ToMe, timed interleaved.
-
-Both as one padded batch (``--batch``) and one image at a time (``--singles`` images), where each
-image runs at its own count.
+Encoders (``--vit``, one or more: ``timm:<name>``, ``tower:<shape>`` = the CLIP tower of a
+``bench_llava.py`` LLaVA run to its feature layer, or a shipped checkpoint): per preset, DyMU's
+mean ± std patch tokens leaving the encoder; ToMe with a per-layer ``r`` giving the same mean
+(constant, with the merges a late layer cannot make moved to earlier layers by
+``merge_schedule(..., clamp=True)``); the FLOPs cut of each (DyMU: each image's analytic FLOPs at
+its own counts); images/s of the unreduced model, DyMU padded (every image pays the batch's
+widest sequence), DyMU packed (only real tokens: ``execution="auto"``) and ToMe, timed
+interleaved on one batch (``--batch``); speedups, efficiencies (speedup / FLOPs cut) and DyMU
+packed's efficiency over ToMe's. ``--singles N`` also times N images one at a time.
 
 LLaVA (``--llava``): ``scaled`` or ``7b`` (the LLaVA-1.5-7B-shaped random-weight models of
 ``bench_llava.py``) or ``shapes-llava`` (shipped); vision + prefill latency of the unreduced model
 and DyMU with ``vtu=off``, ``expand`` and ``exact``, all in one interleaved loop, with prefill FLOPs.
 
     python scripts/bench_dymu.py --out outputs/bench_dymu
+    python scripts/bench_dymu.py --vit timm:vit_small_patch16_224 tower:scaled --skip llava --batch 32
     python scripts/bench_dymu.py --device cuda --vit timm:vit_base_patch16_224 --llava 7b --dtype bfloat16
 """
 
@@ -44,7 +47,7 @@ from vtc.measure_vlm import profile, time_stages
 from vtc.records import device_description
 
 sys.path.insert(0, str(Path(__file__).parent))
-import bench_llava  # noqa: E402  (the 7B-shaped LLaVA builders)
+import bench_llava  # noqa: E402  (the 7B-shaped LLaVA builders, the Markdown table)
 
 
 def shapes_pixels(split: str, count: int, size: int, start: int = 0) -> torch.Tensor:
@@ -214,14 +217,6 @@ def bench_llava_vtu(args) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vit", nargs="+", default=["shapes-vit"], metavar="ENCODER",
@@ -247,10 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     text = [setting]
     if args.skip != "vit":
         result["vit"] = bench_vit(args)
-        text += [f"\nEncoders, batch {args.batch}", table(result["vit"])]
+        text += [f"\nEncoders, batch {args.batch}", bench_llava.markdown_table(result["vit"], list(result["vit"][0]))]
     if args.skip != "llava":
         result["llava"] = bench_llava_vtu(args)
-        text += [f"\nLLaVA {args.llava}, batch {args.llava_batch}", table(result["llava"])]
+        text += [f"\nLLaVA {args.llava}, batch {args.llava_batch}", bench_llava.markdown_table(result["llava"], list(result["llava"][0]))]
     (out / "bench_dymu.json").write_text(json.dumps(result, indent=2))
     (out / "bench_dymu.md").write_text("\n".join(text) + "\n")
     print("\n".join(text))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +35,9 @@ from vtc.commands.common import device, positive_int, prepare_output
 from vtc.measure import time_calls
 from vtc.models.packing import Packing, varlen_attention
 from vtc.records import device_description
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_llava  # noqa: E402  (its Markdown table)
 
 
 def spread_lengths(images: int, shortest: int, longest: int, seed: int = 0) -> list[int]:
@@ -93,15 +97,6 @@ def measure(lengths: list[int], heads: int, dim: int, dtype: torch.dtype, dev: t
              "compile_s": compile_s if name == "flex" else None} for name, timing in timings.items()]
 
 
-def table(rows: list[dict]) -> str:
-    columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join("" if row[c] is None else f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c])
-                                       for c in columns) + " |")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("Example:")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     setting = (f"{device_description(args.device)}, {args.dtype}, torch {torch.__version__}, {args.images} images "
                f"({args.shortest}-{args.longest} tokens), {args.heads} heads x {args.head_dim}, {args.repeats} interleaved repeats")
     (out / "bench_varlen.json").write_text(json.dumps({"setting": setting, "lengths": lengths, "rows": rows}, indent=2))
-    text = f"{setting}\n\n{table(rows)}\n"
+    text = f"{setting}\n\n{bench_llava.markdown_table(rows, list(rows[0]))}\n"
     (out / "bench_varlen.md").write_text(text)
     print(text)
     return 0
