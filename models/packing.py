@@ -39,6 +39,7 @@ class Packing:
 
     Attributes:
         index: (T,) flat positions (``b * N + n``) of the real tokens, image by image.
+        padding: flat positions of the padding.
         lengths: real tokens per image.
         width: N, the padded length.
         key_bias: (T,) additive attention bias of every real key (``log(size)`` under proportional
@@ -47,6 +48,7 @@ class Packing:
     """
 
     index: torch.Tensor
+    padding: torch.Tensor
     lengths: tuple[int, ...]
     width: int
     key_bias: torch.Tensor | None = None
@@ -57,12 +59,13 @@ class Packing:
         """The packing of a (B, N) ``valid`` mask; ``key_bias`` (B, N) is packed with it."""
         if backend not in BACKENDS:
             raise ValueError(f"attention backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        index = valid.reshape(-1).nonzero().squeeze(1)
+        flat = valid.reshape(-1)
+        index, padding = flat.nonzero().squeeze(1), (~flat).nonzero().squeeze(1)
         lengths = tuple(valid.sum(dim=1).tolist())
         if min(lengths) < 1:
             raise ValueError("vtc: an image of a packed batch has no real token")
         bias = None if key_bias is None else key_bias.reshape(-1)[index]
-        return cls(index=index, lengths=lengths, width=valid.shape[1], key_bias=bias, backend=backend)
+        return cls(index=index, padding=padding, lengths=lengths, width=valid.shape[1], key_bias=bias, backend=backend)
 
     @property
     def batch(self) -> int:
@@ -79,8 +82,9 @@ class Packing:
     def unpack(self, packed: torch.Tensor) -> torch.Tensor:
         """(1, T, ...) -> (B, N, ...): real tokens back in place, zeros on the padding."""
         values = packed.squeeze(0)
-        out = values.new_zeros(self.batch * self.width, *values.shape[1:])
+        out = values.new_empty(self.batch * self.width, *values.shape[1:])
         out[self.index] = values
+        out[self.padding] = 0  # only the padding is cleared: no second pass over the real tokens
         return out.reshape(self.batch, self.width, *values.shape[1:])
 
     def unpack_signals(self, signals: Signals) -> Signals:
