@@ -270,7 +270,7 @@ class EncoderAdapter:
         bias = None
         if state.prop_attn and state.size is not None:
             bias = state.size.to(torch.promote_types(state.x.dtype, torch.float32)).log()
-        return Packing.of(state.valid, bias, backend="auto" if self.execution == "auto" else self.execution)
+        return Packing.of(state.valid, bias, backend=self.execution)
 
     @staticmethod
     def carry_signals(signals: Signals, extra: frozenset[Signal], before: TokenState, after: TokenState) -> Signals:

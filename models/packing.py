@@ -71,10 +71,6 @@ class Packing:
     def batch(self) -> int:
         return len(self.lengths)
 
-    @property
-    def total(self) -> int:
-        return int(self.index.numel())
-
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, ...) -> (1, T, ...): the real tokens, image after image."""
         return x.reshape(self.batch * self.width, *x.shape[2:])[self.index].unsqueeze(0)

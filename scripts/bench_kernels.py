@@ -96,10 +96,10 @@ def measure_shape(shape: tuple[int, int, int], r_fraction: float, dtype: torch.d
     size = (torch.rand(batch, n, generator=generator) + 0.5).to(device)
     r = int(n * r_fraction)
 
-    def with_backend(name: str):
+    def with_backend(name: str, fn=lambda: vtc_step(x, size, r)):
         def run():
             with use_backend(name):
-                return vtc_step(x, size, r)
+                return fn()
         return run
 
     calls = {"tome": lambda: tome_step(x, size, r), "reference": with_backend("reference")}
@@ -113,7 +113,7 @@ def measure_shape(shape: tuple[int, int, int], r_fraction: float, dtype: torch.d
     dest, n_out = bipartite_soft_matching(x, r, n_prefix=1)
     # the fused merge's parts: the slot sort + bincount its wrapper runs first, and the whole merge call
     calls["slot_order"] = lambda: slot_order(dest, n_out)
-    calls["merge"] = lambda: with_backend_call(best, lambda: merge_weighted(x, size, dest, n_out))
+    calls["merge"] = with_backend(best, lambda: merge_weighted(x, size, dest, n_out))
     timings = dict(zip(calls, time_calls(list(calls.values()), warmup=warmup, repeats=repeats, device=device)))
     parts = {name: timings.pop(name) for name in ("slot_order", "merge")}
     moved = least_bytes(batch, n, channels, r, x.element_size())
@@ -130,10 +130,6 @@ def measure_shape(shape: tuple[int, int, int], r_fraction: float, dtype: torch.d
                      "slot_order_share_of_step": parts["slot_order"].median / timing.median if name == best else None})
     return rows
 
-
-def with_backend_call(name: str, fn):
-    with use_backend(name):
-        return fn()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,10 +4,12 @@ with each attention backend."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import sys
 from pathlib import Path
+from unittest import mock
 
 import families as fam
 import llava_models as lm
@@ -83,8 +85,24 @@ def test_segment_softmax_is_a_softmax_per_segment():
     tolerance.assert_close(segment_softmax(logits, segments, 3), expected, terms=3)
 
 
-def _run(model, forward, x, reducers, execution):
-    with torch.no_grad(), vtc.apply(model, *reducers, execution=execution) as handle:
+@contextlib.contextmanager
+def _checked_execution(execution: str, padding: bool):
+    """Fail unless the block-diagonal attention ran with ``execution``'s backend exactly when the
+    batch has padding and ``execution`` is not ``padded``: packed and padded runs agreeing would
+    prove nothing if packing never ran."""
+    seen: list[str] = []
+
+    def spy(q, k, v, packing, **kwargs):
+        seen.append(packing.backend)
+        return varlen_attention(q, k, v, packing, **kwargs)
+
+    with mock.patch("vtc.models.attention.varlen_attention", spy):
+        yield
+    assert set(seen) == ({execution} if padding and execution != "padded" else set()), (execution, seen)
+
+
+def _run(model, forward, x, reducers, execution, padding=True):
+    with _checked_execution(execution, padding), torch.no_grad(), vtc.apply(model, *reducers, execution=execution) as handle:
         out = forward(model, x)
         return out, handle.image_token_counts, handle.state
 
@@ -111,7 +129,8 @@ def test_timm_packed_equals_padded_and_single_runs(timm_vit, tools):
     counts = _check_executions(model, lambda m, images: m(images), x, [dymu], tools.vit_terms)
     assert len(set(counts[:, -1].tolist())) == 3
     batched = _run(model, lambda m, images: m(images), x, [dymu], "auto")[0]
-    singles = torch.cat([_run(model, lambda m, images: m(images), x[i:i + 1], [dymu], "auto")[0] for i in range(3)])
+    singles = torch.cat([_run(model, lambda m, images: m(images), x[i:i + 1], [dymu], "auto", padding=False)[0]
+                        for i in range(3)])
     tolerance.assert_close(batched, singles, terms=tools.vit_terms)
 
 
@@ -164,7 +183,7 @@ def test_one_image_at_full_width_among_31_small(timm_vit):
     counts = _check_executions(model, forward, x, [spec], terms)
     assert counts[0].tolist() == [64] * 9 and counts[1:, -1].tolist() == [1] * 31
     packed, _, _ = _run(model, forward, x, [spec], "auto")
-    singles = torch.cat([_run(model, forward, x[i:i + 1], [spec], "auto")[0] for i in range(32)])
+    singles = torch.cat([_run(model, forward, x[i:i + 1], [spec], "auto", padding=False)[0] for i in range(32)])
     tolerance.assert_close(packed, singles, terms=terms)
 
 
@@ -177,7 +196,7 @@ def test_llava_tower_packed_equals_padded(llava, connector):
     reducers = ("dymu:thresholds=0.3,vtu=off", *connector)
     logits = {}
     for execution in ("padded", *PACKED):
-        with torch.no_grad(), vtc.apply(model, *reducers, execution=execution) as handle:
+        with _checked_execution(execution, True), torch.no_grad(), vtc.apply(model, *reducers, execution=execution) as handle:
             logits[execution] = model(**inputs).logits
             counts = handle.image_token_counts
         assert len(set(counts[:, -1].tolist())) > 1, "the images should keep different counts"
